@@ -1,0 +1,235 @@
+"""Typed parameters loaded from ``params.yaml``, validated at load.
+
+Every stage reads its section of one :class:`Params` object. Unknown keys are errors (a typo in
+``params.yaml`` must never be silently ignored) and every error names the dotted key that is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+
+
+class ParamsError(ValueError):
+    """A ``params.yaml`` that does not validate; the message names each bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Section):
+    raw: Path = Path("data/raw")
+    interim: Path = Path("data/interim")
+    quarantine: Path = Path("data/quarantine")
+    processed: Path = Path("data/processed")
+    models: Path = Path("models")
+    synthetic: Path = Path("data/synthetic")
+    reports: Path = Path("reports")
+
+
+class CohortConfig(_Section):
+    n_patients: PositiveInt = 400
+    classes: list[str] = ["healthy", "ischemic_stroke", "intracerebral_hemorrhage", "brain_abscess"]
+    class_prevalence: list[PositiveFloat] = [0.45, 0.28, 0.23, 0.04]
+    volume_shape: tuple[PositiveInt, PositiveInt, PositiveInt] = (24, 48, 48)
+    pixel_spacing_mm: PositiveFloat = 4.0
+    slice_thickness_mm: PositiveFloat = 6.0
+    minority_site_fraction: Fraction = 0.12
+    minority_slice_thickness_mm: PositiveFloat = 8.0
+    note_missing_fraction: Fraction = 0.06
+    lab_missing_fraction: Fraction = 0.08
+    corrupt_fraction: Fraction = 0.03
+
+    @model_validator(mode="after")
+    def _prevalence_matches_classes(self) -> CohortConfig:
+        if len(self.classes) != len(self.class_prevalence):
+            raise ValueError(
+                f"class_prevalence has {len(self.class_prevalence)} entries but classes has "
+                f"{len(self.classes)}"
+            )
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be unique, got {self.classes}")
+        if len(self.classes) < 2:
+            raise ValueError("at least two classes are needed")
+        return self
+
+
+class IngestConfig(_Section):
+    lab_ranges: dict[str, tuple[float, float]] = {
+        "wbc": (0.5, 60.0),
+        "crp": (0.0, 500.0),
+        "glucose": (1.0, 45.0),
+        "systolic_bp": (50.0, 260.0),
+        "inr": (0.5, 10.0),
+        "temperature": (30.0, 44.0),
+    }
+    age_range: tuple[int, int] = (0, 120)
+    min_note_chars: Annotated[int, Field(ge=0)] = 20
+
+    @field_validator("lab_ranges")
+    @classmethod
+    def _ranges_ordered(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for lab, (low, high) in value.items():
+            if low >= high:
+                raise ValueError(f"range for {lab!r} must have low < high, got [{low}, {high}]")
+        return value
+
+
+class PreprocessConfig(_Section):
+    spatial_size: tuple[PositiveInt, PositiveInt, PositiveInt] = (32, 32, 32)
+    pixdim_mm: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (6.0, 6.0, 6.0)
+    hu_window: tuple[float, float] = (-20.0, 100.0)
+    max_note_tokens: PositiveInt = 48
+    vocab_size: PositiveInt = 600
+    val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.15
+    test_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.20
+
+
+class ModelConfig(_Section):
+    d_model: PositiveInt = 64
+    n_heads: PositiveInt = 4
+    image_channels: list[PositiveInt] = [8, 16, 32]
+    text_layers: PositiveInt = 2
+    text_heads: PositiveInt = 2
+    tabular_hidden: PositiveInt = 64
+    dropout: Fraction = 0.1
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> ModelConfig:
+        side = int(round(self.d_model**0.5))
+        if side * side != self.d_model:
+            raise ValueError(f"d_model must be a perfect square (latent laid out as a map), got {self.d_model}")
+        if self.d_model % self.n_heads or self.d_model % self.text_heads:
+            raise ValueError("d_model must be divisible by n_heads and text_heads")
+        return self
+
+
+class DiffusionConfig(_Section):
+    num_train_timesteps: PositiveInt = 200
+    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta"] = "linear_beta"
+    beta_start: PositiveFloat = 1e-4
+    beta_end: PositiveFloat = 0.02
+    unet_channels: list[PositiveInt] = [32, 64]
+    class_dropout_p: Fraction = 0.1
+
+
+class TrainConfig(_Section):
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 16
+    learning_rate: PositiveFloat = 2e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    grad_clip_norm: PositiveFloat = 1.0
+    modality_dropout_p: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    lambda_cls: Annotated[float, Field(ge=0.0)] = 1.0
+    lambda_recon: Annotated[float, Field(ge=0.0)] = 0.5
+    class_weighting: bool = True
+    latent_stop_gradient: bool = True
+    early_stopping_patience: PositiveInt = 8
+    num_threads: Annotated[int, Field(ge=0)] = 0
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+
+
+class EvaluateConfig(_Section):
+    masking_rates: list[Fraction] = [0.0, 0.2, 0.4, 0.6, 0.8]
+    n_repeats: PositiveInt = 3
+
+
+class GenerateConfig(_Section):
+    n_per_class: PositiveInt = 24
+    num_inference_steps: PositiveInt = 50
+    guidance_scale: Annotated[float, Field(ge=0.0)] = 2.0
+
+
+class ExplainConfig(_Section):
+    n_patients: PositiveInt = 8
+    attribution_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.90
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str = "sqlite:///mlruns.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "meddiff"
+    registered_model: str = "meddiff-diagnosis"
+
+
+class Params(_Section):
+    """The whole ``params.yaml``."""
+
+    seed: int = 42
+    paths: PathsConfig = PathsConfig()
+    cohort: CohortConfig = CohortConfig()
+    ingest: IngestConfig = IngestConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    generate: GenerateConfig = GenerateConfig()
+    explain: ExplainConfig = ExplainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """A short content hash, used to tag MLflow runs."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(canonical).hexdigest()[:12]
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        lines.append(f"  {key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def params_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Params:
+    """Validate a parsed params mapping; raise :class:`ParamsError` naming each bad key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(_format_errors(source, error)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return params_from_dict(raw, source=str(path))
+
+
+def apply_overrides(params: Params, overrides: list[str]) -> Params:
+    """Return params with ``dotted.key=value`` overrides applied (values parsed as YAML)."""
+    raw = params.to_dict()
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"override {override!r}: expected KEY=VALUE, e.g. train.epochs=5")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ParamsError(f"override {override!r}: {part!r} is not a section of params")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ParamsError(f"override {override!r}: unknown key {key!r}")
+        node[parts[-1]] = yaml.safe_load(value)
+    return params_from_dict(raw, source="overrides")

@@ -1,0 +1,115 @@
+"""The processed-data contract between ``preprocess`` and every later stage.
+
+``data/processed/`` holds:
+
+* ``arrays.npz``: one row per patient, aligned across arrays (see :data:`ARRAY_SPEC`);
+* ``meta.json``: class names, tabular feature names/units/scaler statistics, shapes, split counts;
+* ``tokenizer.json``: the note tokenizer (Hugging Face ``tokenizers`` format), fitted on training notes.
+
+Only numpy is imported here, so readers stay cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meddiff import MODALITIES
+from meddiff.io import atomic_file, read_json, write_json
+
+ARRAYS_FILE = "arrays.npz"
+META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+#: name -> (dtype, shape description). N patients, D/H/W voxels, L note tokens, F tabular features.
+ARRAY_SPEC: dict[str, tuple[str, str]] = {
+    "patient_id": ("str", "(N,) pseudonymous patient id"),
+    "label": ("int64", "(N,) index into meta['class_names']"),
+    "split": ("str", "(N,) one of train/val/test"),
+    "site": ("str", "(N,) acquisition site"),
+    "image": ("float16", "(N, 1, D, H, W) intensity in [0, 1], RAS orientation"),
+    "lesion_mask": ("uint8", "(N, 1, D, H, W) ground-truth lesion mask, 0 where none"),
+    "has_lesion_mask": ("bool", "(N,) whether a ground-truth mask exists"),
+    "token_ids": ("int32", "(N, L) note token ids, 0 = [PAD]"),
+    "token_mask": ("bool", "(N, L) True for real tokens"),
+    "tabular": ("float32", "(N, F) standardised with training-split statistics, imputed"),
+    "tabular_missing": ("bool", "(N, F) True where the raw value was missing"),
+    "modality_present": ("bool", "(N, 3) availability of image, text, tabular in the data"),
+}
+
+
+@dataclass
+class ProcessedDataset:
+    """All processed arrays plus metadata, as written by ``preprocess``."""
+
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.arrays["label"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.meta["class_names"])
+
+    @property
+    def n_tabular(self) -> int:
+        return int(self.arrays["tabular"].shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def indices(self, split: str) -> np.ndarray:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return np.flatnonzero(self.arrays["split"] == split)
+
+    def subset(self, index: np.ndarray) -> ProcessedDataset:
+        return ProcessedDataset({k: v[index] for k, v in self.arrays.items()}, self.meta)
+
+
+def validate_arrays(arrays: dict[str, np.ndarray]) -> None:
+    """Check that every array of the contract is present and aligned on the patient axis."""
+    missing = sorted(set(ARRAY_SPEC) - set(arrays))
+    if missing:
+        raise ValueError(f"processed arrays are missing {missing}")
+    n = len(arrays["label"])
+    for name in ARRAY_SPEC:
+        if len(arrays[name]) != n:
+            raise ValueError(f"array {name!r} has {len(arrays[name])} rows, expected {n}")
+    if arrays["modality_present"].shape[1:] != (len(MODALITIES),):
+        raise ValueError(f"modality_present must be (N, {len(MODALITIES)})")
+    unknown = set(np.unique(arrays["split"]).tolist()) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split names {sorted(unknown)}")
+
+
+def save_processed(directory: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Write ``arrays.npz`` and ``meta.json`` into ``directory`` (each file atomically)."""
+    validate_arrays(arrays)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_file(directory / ARRAYS_FILE, "wb") as handle:
+        np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
+    write_json(directory / META_FILE, meta)
+
+
+def load_processed(directory: str | Path) -> ProcessedDataset:
+    """Read what ``preprocess`` wrote; errors name the missing file."""
+    directory = Path(directory)
+    arrays_path = directory / ARRAYS_FILE
+    if not arrays_path.is_file():
+        raise FileNotFoundError(f"{arrays_path}: not found; run `meddiff preprocess` first")
+    with np.load(arrays_path, allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    validate_arrays(arrays)
+    return ProcessedDataset(arrays, read_json(directory / META_FILE))
