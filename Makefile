@@ -21,7 +21,6 @@ $(BIN)/python:
 
 # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): $(BIN)/python requirements.txt requirements-dev.txt pyproject.toml
-	$(BIN)/pip install -q --upgrade "pip>=24" $(PIP_QUIET)
 	$(BIN)/pip install -q torch==2.13.0 $(PIP_QUIET)
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt $(PIP_QUIET)
 	$(BIN)/pip install -q --no-deps -e . $(PIP_QUIET)
