@@ -38,17 +38,34 @@ class PathsConfig(_Section):
 
 
 class CohortConfig(_Section):
+    """The built-in synthetic head-CT cohort (``meddiff cohort``), see ``docs/data.md``."""
+
     n_patients: PositiveInt = 400
     classes: list[str] = ["healthy", "ischemic_stroke", "intracerebral_hemorrhage", "brain_abscess"]
     class_prevalence: list[PositiveFloat] = [0.45, 0.28, 0.23, 0.04]
+    #: class -> ICD-10 code written as the FHIR R4 Condition.code of every patient of that class
+    condition_icd10: dict[str, str] = {
+        "healthy": "Z03.89",
+        "ischemic_stroke": "I63.9",
+        "intracerebral_hemorrhage": "I61.9",
+        "brain_abscess": "G06.0",
+    }
     volume_shape: tuple[PositiveInt, PositiveInt, PositiveInt] = (24, 48, 48)
     pixel_spacing_mm: PositiveFloat = 4.0
     slice_thickness_mm: PositiveFloat = 6.0
+    noise_hu: Annotated[float, Field(ge=0.0)] = 4.0
     minority_site_fraction: Fraction = 0.12
     minority_slice_thickness_mm: PositiveFloat = 8.0
+    minority_intensity_scale: PositiveFloat = 1.08
+    minority_intensity_offset_hu: float = 6.0
+    minority_noise_hu: Annotated[float, Field(ge=0.0)] = 9.0
+    image_missing_fraction: Fraction = 0.03
     note_missing_fraction: Fraction = 0.06
+    labs_missing_fraction: Fraction = 0.04
     lab_missing_fraction: Fraction = 0.08
+    lab_alternative_unit_fraction: Fraction = 0.25
     corrupt_fraction: Fraction = 0.03
+    num_workers: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
     def _prevalence_matches_classes(self) -> CohortConfig:
@@ -61,10 +78,31 @@ class CohortConfig(_Section):
             raise ValueError(f"classes must be unique, got {self.classes}")
         if len(self.classes) < 2:
             raise ValueError("at least two classes are needed")
+        if set(self.condition_icd10) != set(self.classes):
+            raise ValueError(
+                f"condition_icd10 must map exactly the classes {self.classes}, got {sorted(self.condition_icd10)}"
+            )
         return self
 
 
+#: canonical lab name -> (LOINC codes accepted for it, canonical UCUM unit)
+_DEFAULT_LABS: dict[str, tuple[list[str], str]] = {
+    "wbc": (["6690-2"], "10*3/uL"),
+    "crp": (["1988-5"], "mg/L"),
+    "glucose": (["2345-7", "14749-6"], "mmol/L"),
+    "systolic_bp": (["8480-6"], "mm[Hg]"),
+    "inr": (["6301-6"], "{INR}"),
+    "temperature": (["8310-5"], "Cel"),
+}
+
+
 class IngestConfig(_Section):
+    """Reading, validating and quarantining raw records (``meddiff ingest``)."""
+
+    #: canonical lab -> LOINC codes mapped onto it (FHIR R4 Observation.code.coding)
+    lab_loinc: dict[str, list[str]] = {name: codes for name, (codes, _) in _DEFAULT_LABS.items()}
+    #: canonical lab -> UCUM unit every value is harmonised to
+    lab_units: dict[str, str] = {name: unit for name, (_, unit) in _DEFAULT_LABS.items()}
     lab_ranges: dict[str, tuple[float, float]] = {
         "wbc": (0.5, 60.0),
         "crp": (0.0, 500.0),
@@ -73,8 +111,19 @@ class IngestConfig(_Section):
         "inr": (0.5, 10.0),
         "temperature": (30.0, 44.0),
     }
+    #: ICD-10 code (or code prefix, matched longest first) -> diagnosis class
+    icd10_to_class: dict[str, str] = {
+        "Z03.89": "healthy",
+        "I63": "ischemic_stroke",
+        "I61": "intracerebral_hemorrhage",
+        "G06.0": "brain_abscess",
+    }
     age_range: tuple[int, int] = (0, 120)
     min_note_chars: Annotated[int, Field(ge=0)] = 20
+    #: the date ages are computed at (ISO 8601); fixed so that ingest is reproducible
+    reference_date: str = "2024-06-30"
+    #: warnings logged one by one up to this many quarantined records, then summarised
+    max_logged_warnings: Annotated[int, Field(ge=0)] = 25
 
     @field_validator("lab_ranges")
     @classmethod
@@ -84,15 +133,53 @@ class IngestConfig(_Section):
                 raise ValueError(f"range for {lab!r} must have low < high, got [{low}, {high}]")
         return value
 
+    @field_validator("reference_date")
+    @classmethod
+    def _iso_date(cls, value: str) -> str:
+        import datetime
+
+        try:
+            datetime.date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"reference_date must be an ISO date YYYY-MM-DD, got {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _labs_consistent(self) -> IngestConfig:
+        names = set(self.lab_loinc)
+        for key in ("lab_units", "lab_ranges"):
+            other = set(getattr(self, key))
+            if other != names:
+                raise ValueError(f"{key} must cover exactly the labs of lab_loinc {sorted(names)}, got {sorted(other)}")
+        codes = [code for group in self.lab_loinc.values() for code in group]
+        if len(codes) != len(set(codes)):
+            raise ValueError("a LOINC code is mapped to more than one lab in lab_loinc")
+        return self
+
 
 class PreprocessConfig(_Section):
+    """MONAI image transforms, note tokenizer, tabular scaling and splits (``meddiff preprocess``)."""
+
     spatial_size: tuple[PositiveInt, PositiveInt, PositiveInt] = (32, 32, 32)
     pixdim_mm: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (6.0, 6.0, 6.0)
     hu_window: tuple[float, float] = (-20.0, 100.0)
-    max_note_tokens: PositiveInt = 48
-    vocab_size: PositiveInt = 600
+    max_note_tokens: Annotated[int, Field(ge=3)] = 48
+    vocab_size: Annotated[int, Field(ge=8)] = 600
     val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.15
     test_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.20
+
+    @field_validator("hu_window")
+    @classmethod
+    def _window_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] >= value[1]:
+            raise ValueError(f"hu_window must be [low, high] with low < high, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _fractions_leave_train(self) -> PreprocessConfig:
+        if self.val_fraction + self.test_fraction >= 0.8:
+            raise ValueError("val_fraction + test_fraction must leave at least 20 % for training")
+        return self
 
 
 class ModelConfig(_Section):
@@ -106,7 +193,7 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> ModelConfig:
-        side = int(round(self.d_model**0.5))
+        side = round(self.d_model**0.5)
         if side * side != self.d_model:
             raise ValueError(f"d_model must be a perfect square (latent laid out as a map), got {self.d_model}")
         if self.d_model % self.n_heads or self.d_model % self.text_heads:

@@ -46,7 +46,11 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "preprocess", "meddiff.data.preprocess", "run_preprocess",
             "MONAI transforms, note tokenizer, tabular scaling, stratified splits",
-            {"interim_dir": ("interim", ""), "processed_dir": ("processed", ""), "report_dir": ("reports", "preprocess")},
+            {
+                "interim_dir": ("interim", ""),
+                "processed_dir": ("processed", ""),
+                "report_dir": ("reports", "preprocess"),
+            },
         ),
         StageSpec(
             "train", "meddiff.training.train", "run_train",

@@ -113,3 +113,15 @@ def load_processed(directory: str | Path) -> ProcessedDataset:
         arrays = {name: npz[name] for name in npz.files}
     validate_arrays(arrays)
     return ProcessedDataset(arrays, read_json(directory / META_FILE))
+
+
+def load_vocabulary(directory: str | Path) -> dict[int, str]:
+    """Token id → token string from ``tokenizer.json`` (empty when there is no tokenizer file)."""
+    tokenizer_file = Path(directory) / TOKENIZER_FILE
+    if not tokenizer_file.is_file():
+        return {}
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    return {index: token for token, index in tokenizer.get_vocab().items()}
+

@@ -1,0 +1,87 @@
+"""Cross-modal attention fusion (proposal §3.2.2).
+
+For modality query ``i`` and key token ``j`` (tokens of every modality used for this patient):
+
+    α_ij = softmax_j(Q_i K_jᵀ / √d_k),   Q_i = h_i W^Q,  K_j = h_j W^K,  V_j = h_j W^V
+    z    = Σ_i Σ_j α_ij V_j   (averaged over the queries, then W^O and LayerNorm)
+
+with multiple heads (d_k = d_model / n_heads). Absent or masked modalities contribute no keys (their
+logits are set to −∞ before the softmax) and their query is replaced by a learned missing-modality
+token, so their input has no influence on z. An optional per-key bias (proposal §3.4, ontology-
+informed attention) is added to the logits. The attention weights are returned, not recomputed, so
+explanations read what the model used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class FusionOutput:
+    z: torch.Tensor  # (B, d) fused patient latent
+    attention: torch.Tensor  # (B, heads, M, T) α_ij per head; M modality queries, T key tokens
+
+
+class CrossModalFusion(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_modalities: int, dropout: float):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.d_k = d_model // n_heads
+        self.w_q = nn.Linear(d_model, d_model)
+        self.w_k = nn.Linear(d_model, d_model)
+        self.w_v = nn.Linear(d_model, d_model)
+        self.w_o = nn.Linear(d_model, d_model)
+        self.missing_query = nn.Parameter(torch.randn(n_modalities, d_model) * 0.02)
+        self.modality_type = nn.Parameter(torch.randn(n_modalities, d_model) * 0.02)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model, elementwise_affine=False)
+
+    def forward(
+        self,
+        latents: list[torch.Tensor],
+        tokens: list[torch.Tensor],
+        token_masks: list[torch.Tensor],
+        modality_used: torch.Tensor,
+        key_bias: torch.Tensor | None = None,
+    ) -> FusionOutput:
+        """Fuse.
+
+        Args:
+            latents: per modality (B, d) latents h_i.
+            tokens: per modality (B, T_m, d) tokens.
+            token_masks: per modality (B, T_m), True for real tokens.
+            modality_used: (B, M) True where the modality is present and not masked; at least one
+                per row.
+            key_bias: optional (B, T) additive bias on the attention logits of each key token.
+        """
+        batch = modality_used.shape[0]
+        if not bool(modality_used.any(dim=1).all()):
+            raise ValueError("every patient needs at least one modality in use")
+        used = modality_used.unsqueeze(-1)  # (B, M, 1)
+        queries = torch.stack(latents, dim=1)  # (B, M, d)
+        queries = torch.where(used, queries, self.missing_query.expand_as(queries))
+        keys = torch.cat([t + self.modality_type[m] for m, t in enumerate(tokens)], dim=1)  # (B, T, d)
+        key_valid = torch.cat(
+            [mask & modality_used[:, m : m + 1] for m, mask in enumerate(token_masks)], dim=1
+        )  # (B, T)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, N, d) -> (B, heads, N, d_k)
+            return x.view(batch, x.shape[1], self.n_heads, self.d_k).transpose(1, 2)
+
+        q, k, v = heads(self.w_q(queries)), heads(self.w_k(keys)), heads(self.w_v(keys))
+        logits = q @ k.transpose(-2, -1) / math.sqrt(self.d_k)  # (B, heads, M, T)
+        if key_bias is not None:
+            logits = logits + key_bias[:, None, None, :]
+        logits = logits.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+        attention = torch.softmax(logits, dim=-1)  # α_ij
+        fused = self.dropout(attention) @ v  # (B, heads, M, d_k)
+        fused = fused.transpose(1, 2).reshape(batch, -1, self.n_heads * self.d_k)  # (B, M, d)
+        z = self.norm(self.w_o(fused.mean(dim=1)) + queries.mean(dim=1))  # (B, d)
+        return FusionOutput(z=z, attention=attention)

@@ -1,0 +1,45 @@
+"""Batched inference over processed patients, shared by evaluate, generate and explain."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from meddiff.data.dataset import ProcessedDataset
+from meddiff.model.multimodal import MedDiffModel
+from meddiff.training.batches import MODEL_INPUTS, to_batch
+
+
+@torch.no_grad()
+def predict_proba(
+    model: MedDiffModel,
+    data: ProcessedDataset,
+    index: np.ndarray,
+    modality_used: np.ndarray | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Class probabilities (N, classes) for ``index``; ``modality_used`` (N, 3) defaults to what is present."""
+    model.eval()
+    index = np.asarray(index)
+    used_all = data.arrays["modality_present"][index] if modality_used is None else modality_used
+    if used_all.shape != (len(index), 3):
+        raise ValueError(f"modality_used must be ({len(index)}, 3), got {used_all.shape}")
+    chunks = []
+    for start in range(0, len(index), batch_size):
+        batch = to_batch(data, index[start : start + batch_size])
+        used = torch.from_numpy(np.asarray(used_all[start : start + batch_size], dtype=bool))
+        output = model({k: batch[k] for k in MODEL_INPUTS}, used)
+        chunks.append(torch.softmax(output.logits, dim=-1).numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, data.n_classes))
+
+
+@torch.no_grad()
+def encode_latents(model: MedDiffModel, data: ProcessedDataset, index: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Fused latents z (N, d) with every present modality in use."""
+    model.eval()
+    index = np.asarray(index)
+    chunks = []
+    for start in range(0, len(index), batch_size):
+        batch = to_batch(data, index[start : start + batch_size])
+        chunks.append(model({k: batch[k] for k in MODEL_INPUTS}, batch["present"]).z.numpy())
+    return np.concatenate(chunks)

@@ -1,0 +1,114 @@
+"""The hierarchical multimodal diffusion model (proposal §3.2), composed from its parts.
+
+    image ─ ImageEncoder ──┐ tokens + h_image
+    note  ─ TextEncoder ───┼──> CrossModalFusion ──> z ──┬── ClassifierHead ──> diagnosis logits
+    EHR   ─ TabularEncoder ┘ tokens + h_tabular          ├── LatentDiffusion (DDPM on z, class-conditional)
+                                                          └── decoders ──> volume, EHR vector, note terms
+
+``modality_used`` (B, 3) says which modalities each patient contributes (present in the data and not
+masked); unused modalities cannot influence any output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from meddiff import MODALITIES
+from meddiff.config import DiffusionConfig, ModelConfig
+from meddiff.model.decoders import ImageDecoder, KeywordDecoder, TabularDecoder
+from meddiff.model.diffusion import LatentDiffusion
+from meddiff.model.encoders import ImageEncoder, TabularEncoder, TextEncoder
+from meddiff.model.fusion import CrossModalFusion
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the network (saved next to the weights)."""
+
+    n_classes: int
+    n_tabular: int
+    vocab_size: int
+    max_note_tokens: int
+    spatial_size: tuple[int, int, int]
+    model: ModelConfig
+    diffusion: DiffusionConfig
+
+    def to_dict(self) -> dict:
+        payload = asdict(self)
+        payload["model"] = self.model.model_dump(mode="json")
+        payload["diffusion"] = self.diffusion.model_dump(mode="json")
+        payload["spatial_size"] = list(self.spatial_size)
+        return payload
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> ModelSpec:
+        return cls(
+            n_classes=int(payload["n_classes"]),
+            n_tabular=int(payload["n_tabular"]),
+            vocab_size=int(payload["vocab_size"]),
+            max_note_tokens=int(payload["max_note_tokens"]),
+            spatial_size=tuple(int(s) for s in payload["spatial_size"]),
+            model=ModelConfig.model_validate(payload["model"]),
+            diffusion=DiffusionConfig.model_validate(payload["diffusion"]),
+        )
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, classes)
+    z: torch.Tensor  # (B, d)
+    attention: torch.Tensor  # (B, heads, M, T) fusion weights α_ij
+    token_slices: dict[str, slice]  # which key tokens belong to which modality
+    text_attentions: tuple[torch.Tensor, ...] | None = None  # per layer (B, heads, L, L)
+
+
+class MedDiffModel(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        cfg = spec.model
+        d = cfg.d_model
+        self.spec = spec
+        self.image_encoder = ImageEncoder(spec.spatial_size, list(cfg.image_channels), d, cfg.dropout)
+        self.text_encoder = TextEncoder(
+            spec.vocab_size, spec.max_note_tokens, d, cfg.text_layers, cfg.text_heads, cfg.dropout
+        )
+        self.tabular_encoder = TabularEncoder(spec.n_tabular, d, cfg.tabular_hidden, cfg.dropout)
+        self.fusion = CrossModalFusion(d, cfg.n_heads, len(MODALITIES), cfg.dropout)
+        self.classifier = nn.Sequential(
+            nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, spec.n_classes)
+        )
+        self.diffusion = LatentDiffusion(d, spec.n_classes, spec.diffusion)
+        self.image_decoder = ImageDecoder(d, spec.spatial_size)
+        self.tabular_decoder = TabularDecoder(d, spec.n_tabular, cfg.tabular_hidden)
+        self.keyword_decoder = KeywordDecoder(d, spec.vocab_size)
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], modality_used: torch.Tensor, output_attentions: bool = False
+    ) -> ModelOutput:
+        image = self.image_encoder(batch["image"])
+        text, text_attentions = self.text_encoder(batch["token_ids"], batch["token_mask"], output_attentions)
+        tabular = self.tabular_encoder(batch["tabular"], batch["tabular_missing"])
+        encoded = (image, text, tabular)
+        fused = self.fusion(
+            latents=[e.latent for e in encoded],
+            tokens=[e.tokens for e in encoded],
+            token_masks=[e.token_mask for e in encoded],
+            modality_used=modality_used,
+        )
+        slices, start = {}, 0
+        for name, e in zip(MODALITIES, encoded, strict=True):
+            slices[name] = slice(start, start + e.tokens.shape[1])
+            start += e.tokens.shape[1]
+        return ModelOutput(
+            logits=self.classifier(fused.z),
+            z=fused.z,
+            attention=fused.attention,
+            token_slices=slices,
+            text_attentions=text_attentions,
+        )
+
+    def classify_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return self.classifier(z)

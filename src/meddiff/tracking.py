@@ -1,0 +1,94 @@
+"""MLflow helpers: where runs go, how they are tagged, how versions are registered.
+
+Default store ``sqlite:///mlruns.db`` with artifacts under ``mlartifacts/`` (params ``tracking``);
+the ``MLFLOW_TRACKING_URI`` environment variable overrides it (e.g. a tracking server on the
+cluster). Runs carry the git commit, a hash of the processed data and a hash of the params, so a
+registered model can be traced back to exactly what produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from meddiff.config import Params, TrackingConfig
+
+LOG = logging.getLogger(__name__)
+CANDIDATE_ALIAS = "candidate"
+CHAMPION_ALIAS = "champion"
+
+
+def tracking_uri(config: TrackingConfig) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri
+
+
+def setup_experiment(config: TrackingConfig) -> str:
+    """Point MLflow at the configured store and return the experiment id (created if missing)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(config.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        # A local store: keep artifacts in the configured folder rather than MLflow's default ./mlruns.
+        artifact_location = Path(config.artifact_location).resolve().as_uri()
+    return client.create_experiment(config.experiment, artifact_location=artifact_location)
+
+
+def git_commit() -> str:
+    """The commit of the code that runs (``MEDDIFF_GIT_COMMIT`` in images, else ``git``)."""
+    if os.environ.get("MEDDIFF_GIT_COMMIT"):
+        return os.environ["MEDDIFF_GIT_COMMIT"]
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip()
+
+
+def file_digest(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """MD5 of a file, the hash DVC uses for its cache, so the tag matches ``dvc.lock``."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_tags(params: Params, data_file: Path | None) -> dict[str, str]:
+    tags = {"meddiff.git_commit": git_commit(), "meddiff.params_hash": params.digest()}
+    if data_file is not None and data_file.is_file():
+        tags["meddiff.data_md5"] = file_digest(data_file)
+    if os.environ.get("MEDDIFF_PIPELINE_RUN"):
+        tags["meddiff.pipeline_run"] = os.environ["MEDDIFF_PIPELINE_RUN"]
+    return tags
+
+
+def flatten(payload: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"epochs": 3}}`` → ``{"train.epochs": 3}`` (MLflow params are flat)."""
+    flat: dict[str, Any] = {}
+    for key, value in payload.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def set_alias(model_name: str, alias: str, version: str | int) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_registered_model_alias(model_name, alias, str(version))
+    LOG.info("model %s version %s now has alias %r", model_name, version, alias)

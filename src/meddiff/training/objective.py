@@ -1,0 +1,90 @@
+"""The training objective (proposal §3.3): L = L_diff + λ_cls·L_cls + λ_recon·L_recon.
+
+* L_cls: cross-entropy of the classifier head on z, optionally inverse-frequency class weighted so
+  the rare disease is not ignored;
+* L_diff: the DDPM noise-prediction loss on z (Ho et al. 2020, eq. 14). With
+  ``latent_stop_gradient`` the diffusion model learns the distribution of z without pulling the
+  encoders toward latents that are merely easy to denoise (the trivial minimiser is a collapsed z);
+* L_recon: decoders reconstruct every modality the patient has, also the masked ones, from z
+  (image MSE, tabular MSE on observed values, note keyword BCE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from meddiff.config import TrainConfig
+from meddiff.model.multimodal import MedDiffModel, ModelOutput
+
+N_SPECIAL_TOKENS = 4  # [PAD], [UNK], [CLS], [SEP] come first in the vocabulary
+
+
+@dataclass
+class LossBreakdown:
+    total: torch.Tensor
+    cls: torch.Tensor
+    diff: torch.Tensor
+    recon: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach()) for k in ("total", "cls", "diff", "recon")}
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, normalised to mean 1 over the classes seen."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1.0) / n_classes, 0.0)
+    seen = weights > 0
+    weights[seen] /= weights[seen].mean()
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def keyword_targets(token_ids: torch.Tensor, token_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Multi-hot (B, vocab) of the non-special tokens each note contains."""
+    targets = torch.zeros(token_ids.shape[0], vocab_size, device=token_ids.device)
+    ids = token_ids.masked_fill(~token_mask, 0)
+    targets.scatter_(1, ids, 1.0)
+    targets[:, :N_SPECIAL_TOKENS] = 0.0
+    return targets
+
+
+def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    total = weights.sum()
+    return (values * weights).sum() / total.clamp_min(1.0)
+
+
+def compute_losses(
+    model: MedDiffModel,
+    batch: dict[str, torch.Tensor],
+    output: ModelOutput,
+    config: TrainConfig,
+    weights: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+) -> LossBreakdown:
+    labels = batch["label"]
+    present = batch["present"]
+    loss_cls = F.cross_entropy(output.logits, labels, weight=weights)
+
+    z_for_diffusion = output.z.detach() if config.latent_stop_gradient else output.z
+    loss_diff = model.diffusion.loss(z_for_diffusion, labels, generator=generator)
+
+    z = output.z
+    has_image, has_text, has_tabular = present[:, 0].float(), present[:, 1].float(), present[:, 2].float()
+    image_error = ((model.image_decoder(z) - batch["image"]) ** 2).flatten(1).mean(dim=1)
+    loss_image = _masked_mean(image_error, has_image)
+    observed = (~batch["tabular_missing"]).float() * has_tabular.unsqueeze(1)
+    tab_error = (model.tabular_decoder(z) - batch["tabular"]) ** 2
+    loss_tabular = (tab_error * observed).sum() / observed.sum().clamp_min(1.0)
+    vocab = model.spec.vocab_size
+    kw_error = F.binary_cross_entropy_with_logits(
+        model.keyword_decoder(z), keyword_targets(batch["token_ids"], batch["token_mask"], vocab), reduction="none"
+    ).mean(dim=1)
+    loss_keywords = _masked_mean(kw_error, has_text)
+    loss_recon = loss_image + loss_tabular + loss_keywords
+
+    total = loss_diff + config.lambda_cls * loss_cls + config.lambda_recon * loss_recon
+    return LossBreakdown(total=total, cls=loss_cls, diff=loss_diff, recon=loss_recon)
