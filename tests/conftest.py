@@ -3,6 +3,7 @@ training and evaluation tests run without the data stages (those have their own 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,26 @@ def tiny_params(tmp_path: Path) -> Params:
 def tiny_processed(tmp_path: Path) -> tuple[Path, ProcessedDataset]:
     directory = tmp_path / "processed"
     return directory, make_tiny_processed(directory)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny model trained once per session: params, processed dir, model dir, train result."""
+    from meddiff.training.train import run_train
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    root = tmp_path_factory.mktemp("trained")
+    processed = root / "processed"
+    data = make_tiny_processed(processed, n=72)
+    params = apply_overrides(
+        Params(),
+        [
+            *TINY_OVERRIDES,
+            "train.epochs=4",
+            f"tracking.tracking_uri=sqlite:///{root}/mlruns.db",
+            f"tracking.artifact_location={root}/mlartifacts",
+        ],
+    )
+    result = run_train(params, processed, root / "models")
+    return {"root": root, "params": params, "processed": processed, "models": root / "models",
+            "data": data, "result": result}

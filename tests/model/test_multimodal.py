@@ -1,0 +1,41 @@
+import torch
+
+from meddiff.config import DiffusionConfig, ModelConfig
+from meddiff.model.multimodal import MedDiffModel, ModelSpec
+from meddiff.training.batches import MODEL_INPUTS, to_batch
+
+
+def _model(data) -> MedDiffModel:
+    spec = ModelSpec(
+        n_classes=data.n_classes, n_tabular=data.n_tabular, vocab_size=data.vocab_size, max_note_tokens=12,
+        spatial_size=(16, 16, 16),
+        model=ModelConfig(d_model=16, n_heads=2, image_channels=[4, 8], text_layers=1, tabular_hidden=16),
+        diffusion=DiffusionConfig(num_train_timesteps=20, unet_channels=[8, 16]),
+    )
+    return MedDiffModel(spec).eval()
+
+
+def test_shapes(tiny_processed) -> None:
+    _, data = tiny_processed
+    model = _model(data)
+    batch = to_batch(data, list(range(5)))
+    out = model({k: batch[k] for k in MODEL_INPUTS}, batch["present"], output_attentions=True)
+    assert out.logits.shape == (5, data.n_classes)
+    assert out.z.shape == (5, 16)
+    n_tokens = 4 * 4 * 4 + 12 + data.n_tabular
+    assert out.attention.shape == (5, 2, 3, n_tokens)
+    assert out.token_slices["text"] == slice(64, 76)
+    assert len(out.text_attentions) == 1
+
+
+def test_masked_image_has_no_influence(tiny_processed) -> None:
+    _, data = tiny_processed
+    model = _model(data)
+    batch = to_batch(data, list(range(4)))
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
+    used = torch.tensor([[False, True, True]] * 4)
+    before = model(inputs, used).logits
+    inputs["image"] = torch.rand_like(inputs["image"])
+    torch.testing.assert_close(before, model(inputs, used).logits)
+    used_image = torch.ones(4, 3, dtype=torch.bool)
+    assert not torch.allclose(model(inputs, used_image).logits, before)

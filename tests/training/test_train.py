@@ -1,0 +1,61 @@
+import json
+
+import numpy as np
+import torch
+
+from meddiff.config import apply_overrides
+from meddiff.training.batches import MODEL_INPUTS, to_batch
+from meddiff.training.checkpoint import load_model
+from meddiff.training.objective import compute_losses
+from meddiff.training.train import build_model
+
+
+def test_model_overfits_a_tiny_batch(tiny_processed, tiny_params) -> None:
+    _, data = tiny_processed
+    params = apply_overrides(tiny_params, ["train.model.dropout=0.0"])
+    torch.manual_seed(0)
+    model = build_model(data, params)
+    batch = to_batch(data, np.arange(8))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        output = model({k: batch[k] for k in MODEL_INPUTS}, batch["present"])
+        losses = compute_losses(model, batch, output, params.train, None)
+        optimizer.zero_grad()
+        losses.total.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        predicted = model({k: batch[k] for k in MODEL_INPUTS}, batch["present"]).logits.argmax(1)
+    assert torch.equal(predicted, batch["label"])
+
+
+def test_run_train_writes_model_and_registers(trained_tiny) -> None:
+    from mlflow.tracking import MlflowClient
+
+    models = trained_tiny["models"]
+    run = json.loads((models / "run.json").read_text())
+    history = json.loads((models / "history.json").read_text())
+    assert len(history) == trained_tiny["result"].epochs_run
+    assert {"train_loss_total", "val_auc_macro"} <= set(history[0])
+    model = load_model(models)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    client = MlflowClient(tracking_uri=trained_tiny["params"].tracking.tracking_uri)
+    name = trained_tiny["params"].tracking.registered_model
+    version = client.get_model_version_by_alias(name, "candidate")
+    assert str(version.version) == run["registered_version"]
+    assert client.get_run(run["mlflow_run_id"]).data.tags["meddiff.params_hash"] == trained_tiny["params"].digest()
+
+
+def test_registered_model_predicts(trained_tiny) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(trained_tiny["params"].tracking.tracking_uri)
+    name = trained_tiny["params"].tracking.registered_model
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@candidate")
+    data = trained_tiny["data"]
+    batch = to_batch(data, np.arange(3))
+    inputs = {k: batch[k].numpy() for k in MODEL_INPUTS}
+    inputs["modality_present"] = batch["present"].numpy()
+    probs = pyfunc.predict(inputs)
+    assert probs.shape == (3, data.n_classes)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
