@@ -20,7 +20,7 @@ def test_help_lists_every_stage_without_heavy_imports() -> None:
 
 
 def test_stage_flags_default_to_params_paths() -> None:
-    args = build_parser().parse_args(["ingest", "--raw", "x/raw"])
+    args = build_parser().parse_args(["ingest", "--raw-dir", "x/raw"])
     assert args.raw_dir == "x/raw"
     assert args.interim_dir is None  # resolved from params.paths at run time
 

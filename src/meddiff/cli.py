@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         stage_parser = commands.add_parser(spec.name, help=spec.summary, description=spec.summary)
         _add_common(stage_parser)
         for argument, (attribute, sub) in spec.paths.items():
-            flag = "--" + argument.removesuffix("_dir").replace("_", "-")
+            flag = "--" + argument.replace("_", "-")
             default_text = f"params paths.{attribute}" + (f" / {sub}" if sub else "")
             stage_parser.add_argument(flag, dest=argument, default=None, help=f"default: {default_text}")
 

@@ -59,3 +59,37 @@ def test_registered_model_predicts(trained_tiny) -> None:
     probs = pyfunc.predict(inputs)
     assert probs.shape == (3, data.n_classes)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_processed, tiny_params, tmp_path) -> None:
+    import pytest
+
+    from meddiff.training.checkpoint import load_training_state
+    from meddiff.training.train import STATE_FILE, TrainingInterrupted, train_model
+
+    _, data = tiny_processed
+    params = apply_overrides(
+        tiny_params, ["train.epochs=3", "train.checkpoint_every_steps=2", "train.early_stopping_patience=10"]
+    )
+    best_a, state_a, resumed_a = train_model(params, data, tmp_path / "a")
+    with pytest.raises(TrainingInterrupted):
+        train_model(params, data, tmp_path / "b", stop_after_steps=5)
+    best_b, state_b, resumed_b = train_model(params, data, tmp_path / "b")
+    assert resumed_a == 0 and resumed_b == 4  # the last checkpoint before the stop, mid-epoch
+    assert state_a.global_step == state_b.global_step
+    final_a = load_training_state(tmp_path / "a" / STATE_FILE)["model"]
+    final_b = load_training_state(tmp_path / "b" / STATE_FILE)["model"]
+    for name, tensor in final_a.items():
+        torch.testing.assert_close(tensor, final_b[name], rtol=0, atol=0, msg=f"{name} differs after resume")
+    for (name, a), b in zip(best_a.state_dict().items(), best_b.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert [h["val_auc_macro"] for h in state_a.history] == [h["val_auc_macro"] for h in state_b.history]
+
+
+def test_masking_curriculum_ramps() -> None:
+    from meddiff.config import TrainConfig
+    from meddiff.training.train import masking_probability
+
+    config = TrainConfig(masking_curriculum="linear_warmup", masking_warmup_epochs=4, modality_dropout_p=0.5)
+    assert [masking_probability(config, e) for e in range(6)] == [0.0, 0.125, 0.25, 0.375, 0.5, 0.5]
+    assert masking_probability(TrainConfig(), 0) == 0.5

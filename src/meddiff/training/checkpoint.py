@@ -31,3 +31,17 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> Med
     model = MedDiffModel(ModelSpec.from_dict(read_json(directory / SPEC_FILE)))
     model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
     return model.to(device).eval()
+
+
+def save_training_state(path: str | Path, state: dict) -> None:
+    """Write a resumable training state (tensors, numbers, strings, lists, dicts only), atomically."""
+    with atomic_file(path, "wb") as handle:
+        torch.save(state, handle)
+
+
+def load_training_state(path: str | Path) -> dict | None:
+    """The saved training state, or ``None`` when there is none to resume from."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from meddiff.config import TrainConfig
 from meddiff.model.multimodal import MedDiffModel, ModelOutput
+from meddiff.training.batches import MODEL_INPUTS
 
 N_SPECIAL_TOKENS = 4  # [PAD], [UNK], [CLS], [SEP] come first in the vocabulary
 
@@ -88,3 +89,26 @@ def compute_losses(
 
     total = loss_diff + config.lambda_cls * loss_cls + config.lambda_recon * loss_recon
     return LossBreakdown(total=total, cls=loss_cls, diff=loss_diff, recon=loss_recon)
+
+
+class TrainingObjective(torch.nn.Module):
+    """Model + loss as one module, so that one forward computes every term of L.
+
+    Wrapping this (not the bare model) in DistributedDataParallel makes the decoders and the
+    diffusion U-Net part of the forward pass whose gradients DDP synchronises.
+    """
+
+    def __init__(
+        self, model: MedDiffModel, config: TrainConfig, weights: torch.Tensor | None, generator: torch.Generator
+    ):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.generator = generator
+        self.register_buffer("class_weights", weights if weights is not None else torch.empty(0), persistent=False)
+
+    def forward(self, batch: dict[str, torch.Tensor], modality_used: torch.Tensor) -> dict[str, torch.Tensor]:
+        output = self.model({k: batch[k] for k in MODEL_INPUTS}, modality_used)
+        weights = self.class_weights if self.class_weights.numel() else None
+        losses = compute_losses(self.model, batch, output, self.config, weights, self.generator)
+        return {"total": losses.total, "cls": losses.cls, "diff": losses.diff, "recon": losses.recon}
