@@ -35,6 +35,7 @@ class PathsConfig(_Section):
     models: Path = Path("models")
     synthetic: Path = Path("data/synthetic")
     reports: Path = Path("reports")
+    checkpoints: Path = Path("checkpoints")
 
 
 class CohortConfig(_Section):
@@ -221,7 +222,12 @@ class TrainConfig(_Section):
     lambda_recon: Annotated[float, Field(ge=0.0)] = 0.5
     class_weighting: bool = True
     latent_stop_gradient: bool = True
+    masking_curriculum: Literal["constant", "linear_warmup"] = "constant"
+    masking_warmup_epochs: Annotated[int, Field(ge=0)] = 5
     early_stopping_patience: PositiveInt = 8
+    checkpoint_every_steps: PositiveInt = 50
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = True
     num_threads: Annotated[int, Field(ge=0)] = 0
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()

@@ -65,14 +65,14 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_processed, tiny_pa
     import pytest
 
     from meddiff.training.checkpoint import load_training_state
-    from meddiff.training.train import STATE_FILE, TrainingInterrupted, train_model
+    from meddiff.training.train import STATE_FILE, TrainingInterruptedError, train_model
 
     _, data = tiny_processed
     params = apply_overrides(
         tiny_params, ["train.epochs=3", "train.checkpoint_every_steps=2", "train.early_stopping_patience=10"]
     )
     best_a, state_a, resumed_a = train_model(params, data, tmp_path / "a")
-    with pytest.raises(TrainingInterrupted):
+    with pytest.raises(TrainingInterruptedError):
         train_model(params, data, tmp_path / "b", stop_after_steps=5)
     best_b, state_b, resumed_b = train_model(params, data, tmp_path / "b")
     assert resumed_a == 0 and resumed_b == 4  # the last checkpoint before the stop, mid-epoch

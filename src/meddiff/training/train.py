@@ -49,10 +49,11 @@ LOG = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 HISTORY_FILE = "history.json"
 STATE_FILE = "state.pt"
+LOSS_TERMS = ("total", "cls", "diff", "recon")
 BEST_DIR = "best"
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterruptedError(RuntimeError):
     """Raised by ``stop_after_steps``: the run stopped on purpose, as a crash would stop it."""
 
 
@@ -79,7 +80,7 @@ class LoopState:
     best_auc: float = -math.inf
     best_epoch: int = -1
     stale_epochs: int = 0
-    epoch_loss_sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("total", "cls", "diff", "recon"), 0.0))
+    epoch_loss_sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_TERMS, 0.0))
     history: list[dict] = field(default_factory=list)
 
 
@@ -258,7 +259,7 @@ def train_model(
             if state.global_step % config.checkpoint_every_steps == 0:
                 checkpoint()
             if stop_after_steps is not None and state.global_step >= stop_after_steps:
-                raise TrainingInterrupted(f"stopped after {state.global_step} steps as asked")
+                raise TrainingInterruptedError(f"stopped after {state.global_step} steps as asked")
 
         model.eval()
         val = validation_auc(model, data)
