@@ -191,6 +191,8 @@ class ModelConfig(_Section):
     text_heads: PositiveInt = 2
     tabular_hidden: PositiveInt = 64
     dropout: Fraction = 0.1
+    ontology_attention: bool = True
+    ontology_prior_init: float = 1.0
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> ModelConfig:

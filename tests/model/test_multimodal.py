@@ -39,3 +39,17 @@ def test_masked_image_has_no_influence(tiny_processed) -> None:
     torch.testing.assert_close(before, model(inputs, used).logits)
     used_image = torch.ones(4, 3, dtype=torch.bool)
     assert not torch.allclose(model(inputs, used_image).logits, before)
+
+
+def test_ontology_bias_reaches_matching_note_tokens(tiny_processed) -> None:
+    from meddiff.model.ontology import token_term_index
+
+    _, data = tiny_processed
+    model = _model(data)
+    vocabulary = {5: "hemorrhage", 6: "the", 7: "infarct"}
+    model.set_token_terms(token_term_index(vocabulary, data.vocab_size))
+    with torch.no_grad():
+        model.term_bias.fill_(2.5)
+    bias = model.ontology_bias(torch.tensor([[2, 5, 6, 7, 0]]))
+    assert bias.tolist() == [[0.0, 2.5, 0.0, 2.5, 0.0]]
+    assert "token_term" in model.state_dict()  # the mapping travels with the weights

@@ -48,6 +48,7 @@ class ProcessedDataset:
 
     arrays: dict[str, np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)
+    vocabulary: dict[int, str] = field(default_factory=dict)  # token id → token, from tokenizer.json
 
     def __len__(self) -> int:
         return len(self.arrays["label"])
@@ -74,7 +75,7 @@ class ProcessedDataset:
         return np.flatnonzero(self.arrays["split"] == split)
 
     def subset(self, index: np.ndarray) -> ProcessedDataset:
-        return ProcessedDataset({k: v[index] for k, v in self.arrays.items()}, self.meta)
+        return ProcessedDataset({k: v[index] for k, v in self.arrays.items()}, self.meta, self.vocabulary)
 
 
 def validate_arrays(arrays: dict[str, np.ndarray]) -> None:
@@ -112,7 +113,7 @@ def load_processed(directory: str | Path) -> ProcessedDataset:
     with np.load(arrays_path, allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files}
     validate_arrays(arrays)
-    return ProcessedDataset(arrays, read_json(directory / META_FILE))
+    return ProcessedDataset(arrays, read_json(directory / META_FILE), load_vocabulary(directory))
 
 
 def load_vocabulary(directory: str | Path) -> dict[int, str]:

@@ -16,7 +16,7 @@ import torch
 
 from meddiff import MODALITIES
 from meddiff.config import Params
-from meddiff.data.dataset import ProcessedDataset, load_processed, load_vocabulary
+from meddiff.data.dataset import ProcessedDataset, load_processed
 from meddiff.explain.attribution import Attributions, attribution_mask, compute_attributions, dice
 from meddiff.io import atomic_dir, atomic_file, write_json
 from meddiff.training.batches import MODEL_INPUTS, to_batch
@@ -94,7 +94,7 @@ def run_explain(params: Params, processed_dir: Path, model_dir: Path, report_dir
     )
     probs = torch.softmax(output.logits, dim=-1).numpy()
     rng = np.random.default_rng(params.seed)
-    vocabulary = load_vocabulary(processed_dir)
+    vocabulary = data.vocabulary
     features = [f["name"] for f in data.meta.get("tabular_features", [])]
     rows = []
     with atomic_dir(report_dir) as staging:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from meddiff.config import Params
-from meddiff.data.dataset import ProcessedDataset, load_processed, load_vocabulary
+from meddiff.data.dataset import ProcessedDataset, load_processed
 from meddiff.io import atomic_dir, atomic_file, write_json
 from meddiff.model.inference import encode_latents
 from meddiff.model.multimodal import MedDiffModel
@@ -78,14 +78,14 @@ def _observations(patient_id: str, values: np.ndarray, features: list[dict]) -> 
 
 
 def _write_records(
-    model: MedDiffModel, z: np.ndarray, labels: np.ndarray, data: ProcessedDataset, processed_dir: Path, out: Path
+    model: MedDiffModel, z: np.ndarray, labels: np.ndarray, data: ProcessedDataset, out: Path
 ) -> None:
     import nibabel as nib
 
     features = data.meta.get("tabular_features", [])
     mean = np.array([f.get("mean", 0.0) for f in features], dtype=np.float32)
     std = np.array([f.get("std", 1.0) for f in features], dtype=np.float32)
-    vocabulary = load_vocabulary(processed_dir)
+    vocabulary = data.vocabulary
     spacing = data.meta.get("pixdim_mm", [1.0, 1.0, 1.0])
     affine = np.diag([*map(float, spacing), 1.0])
     (out / "imaging").mkdir()
@@ -145,7 +145,7 @@ def run_generate(
         "space": "fused patient latent z",
     }
     with atomic_dir(synthetic_dir) as staging:
-        _write_records(model, z, labels, data, Path(processed_dir), staging)
+        _write_records(model, z, labels, data, staging)
     Path(report_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(report_dir) / "metrics.json", metrics)
     with atomic_file(Path(report_dir) / "latents.npz", "wb") as handle:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +23,7 @@ from meddiff.model.decoders import ImageDecoder, KeywordDecoder, TabularDecoder
 from meddiff.model.diffusion import LatentDiffusion
 from meddiff.model.encoders import ImageEncoder, TabularEncoder, TextEncoder
 from meddiff.model.fusion import CrossModalFusion
+from meddiff.model.ontology import NO_TERM, load_terms
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,18 @@ class MedDiffModel(nn.Module):
         self.image_decoder = ImageDecoder(d, spec.spatial_size)
         self.tabular_decoder = TabularDecoder(d, spec.n_tabular, cfg.tabular_hidden)
         self.keyword_decoder = KeywordDecoder(d, spec.vocab_size)
+        n_terms = len(load_terms())
+        self.register_buffer("token_term", torch.full((spec.vocab_size,), NO_TERM, dtype=torch.long))
+        self.term_bias = nn.Parameter(torch.full((n_terms,), float(cfg.ontology_prior_init)))
+
+    def set_token_terms(self, token_term: np.ndarray) -> None:
+        """Map token ids to ontology terms (from the tokenizer vocabulary; saved with the weights)."""
+        self.token_term.copy_(torch.as_tensor(token_term, dtype=torch.long))
+
+    def ontology_bias(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) attention-logit bias of each note token: the learned prior of its term, else 0."""
+        terms = self.token_term[token_ids]
+        return torch.where(terms >= 0, self.term_bias[terms.clamp_min(0)], torch.zeros_like(terms, dtype=torch.float))
 
     def forward(
         self, batch: dict[str, torch.Tensor], modality_used: torch.Tensor, output_attentions: bool = False
@@ -92,11 +106,19 @@ class MedDiffModel(nn.Module):
         text, text_attentions = self.text_encoder(batch["token_ids"], batch["token_mask"], output_attentions)
         tabular = self.tabular_encoder(batch["tabular"], batch["tabular_missing"])
         encoded = (image, text, tabular)
+        key_bias = None
+        if self.spec.model.ontology_attention:
+            key_bias = torch.cat([
+                torch.zeros(image.token_mask.shape, device=image.tokens.device),
+                self.ontology_bias(batch["token_ids"]),
+                torch.zeros(tabular.token_mask.shape, device=tabular.tokens.device),
+            ], dim=1)
         fused = self.fusion(
             latents=[e.latent for e in encoded],
             tokens=[e.tokens for e in encoded],
             token_masks=[e.token_mask for e in encoded],
             modality_used=modality_used,
+            key_bias=key_bias,
         )
         slices, start = {}, 0
         for name, e in zip(MODALITIES, encoded, strict=True):

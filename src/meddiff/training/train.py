@@ -40,6 +40,7 @@ from meddiff.evaluation.metrics import classification_metrics
 from meddiff.io import atomic_dir, write_json
 from meddiff.model.inference import predict_proba
 from meddiff.model.multimodal import MedDiffModel, ModelSpec
+from meddiff.model.ontology import token_term_index
 from meddiff.training.batches import MODEL_INPUTS, iterate_batches, to_batch
 from meddiff.training.checkpoint import load_model, load_training_state, save_model, save_training_state
 from meddiff.training.masking import sample_modality_mask
@@ -130,7 +131,9 @@ def build_model(data: ProcessedDataset, params: Params) -> MedDiffModel:
         model=params.train.model,
         diffusion=params.train.diffusion,
     )
-    return MedDiffModel(spec)
+    model = MedDiffModel(spec)
+    model.set_token_terms(token_term_index(data.vocabulary, spec.vocab_size))
+    return model
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float = 0.05) -> Callable[[int], float]:
