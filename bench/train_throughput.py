@@ -90,7 +90,8 @@ def main() -> None:
         with autocast:
             output = plain({k: batch[k] for k in MODEL_INPUTS}, used)
             loss = torch.nn.functional.cross_entropy(output.logits, batch["label"])
-            loss = loss + plain.diffusion.loss(output.z.detach(), batch["label"])
+            stack = torch.cat([output.z.unsqueeze(1), output.modality_latents], dim=1).detach()
+            loss = loss + plain.diffusion.loss(stack, batch["label"])
             z = output.z
             loss = loss + ((plain.image_decoder(z) - batch["image"]) ** 2).mean()
             loss = loss + ((plain.tabular_decoder(z) - batch["tabular"]) ** 2).mean()

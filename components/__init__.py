@@ -1,0 +1,1 @@
+"""meddiff_components: one Kubeflow Pipelines component per stage, thin shells over meddiff.stages."""

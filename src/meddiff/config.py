@@ -211,6 +211,8 @@ class DiffusionConfig(_Section):
     beta_end: PositiveFloat = 0.02
     unet_channels: list[PositiveInt] = [32, 64]
     class_dropout_p: Fraction = 0.1
+    impute_missing_latents: bool = True
+    imputation_steps: PositiveInt = 20
 
 
 class TrainConfig(_Section):

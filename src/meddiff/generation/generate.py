@@ -126,7 +126,7 @@ def run_generate(
     labels = np.repeat(np.arange(data.n_classes), config.n_per_class)
     z = model.diffusion.sample(
         torch.from_numpy(labels), config.num_inference_steps, config.guidance_scale, generator
-    ).numpy()
+    )[:, 0].numpy()  # channel 0 of the latent stack is the fused patient latent z
     with torch.no_grad():
         predicted = model.classify_latent(torch.from_numpy(z)).argmax(dim=1).numpy()
     agreement = {

@@ -1,12 +1,20 @@
-"""Latent diffusion on the fused patient latent z (proposal §3.2.3).
+"""Latent diffusion on the hierarchy of latents (proposal §3.2.3).
 
-Forward process (Ho et al. 2020, eq. 4): q(z_t | z_0) = N(√ᾱ_t z_0, (1 − ᾱ_t) I), implemented by
-MONAI's ``DDPMScheduler.add_noise``. The denoiser ε_θ(z_t, t, y) is MONAI's ``DiffusionModelUNet``;
-MONAI has no 1-D U-Net, so the d-dimensional latent is laid out as a √d × √d single-channel map
-(d = 64 → 8 × 8). The class label y conditions the U-Net through its class embedding; with
-probability ``class_dropout_p`` it is replaced by a null class during training, which enables
-classifier-free guidance at sampling time (Ho & Salimans 2022). Sampling uses DDIM (Song et al.
-2021) for speed. Schedules know nothing of the network and vice versa; this module composes them.
+The diffused sample is the stack x = [z, h_image, h_text, h_tabular]: the fused patient latent and
+the (LayerNorm-ed) modality latents, each d-dimensional and laid out as a √d × √d map, one channel
+each (MONAI's ``DiffusionModelUNet`` has no 1-D form; d = 64 → four 8 × 8 channels). Modelling
+them jointly lets the same network
+
+* generate patients: sample x class-conditionally and read z (channel 0), and
+* impute a missing modality: inpaint its channel given the channels of the present modalities
+  (RePaint, Lugmayr et al. 2022, without resampling: after every reverse step the known channels
+  are replaced by the forward-noised truth at that step).
+
+Forward process (Ho et al. 2020, eq. 4): q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I), MONAI's
+``DDPMScheduler.add_noise``. The denoiser ε_θ(x_t, t, y) is conditioned on the class y through the
+U-Net's class embedding; with probability ``class_dropout_p`` y is replaced by a null class, which
+enables classifier-free guidance (Ho & Salimans 2022) and unconditional inpainting. Sampling uses
+DDIM (Song et al. 2021). Schedules know nothing of the network; this module composes them.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from meddiff.config import DiffusionConfig
 
 
 class LatentDiffusion(nn.Module):
-    def __init__(self, d_model: int, n_classes: int, config: DiffusionConfig):
+    def __init__(self, d_model: int, n_classes: int, config: DiffusionConfig, n_channels: int = 4):
         super().__init__()
         from monai.networks.nets import DiffusionModelUNet
 
@@ -27,52 +35,95 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"d_model must be a perfect square, got {d_model}")
         self.config = config
         self.n_classes = n_classes
-        self.null_class = n_classes  # index of the "no class" embedding for guidance
+        self.n_channels = n_channels
+        self.null_class = n_classes  # index of the "no class" embedding
         channels = tuple(config.unet_channels)
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
-            in_channels=1,
-            out_channels=1,
+            in_channels=n_channels,
+            out_channels=n_channels,
             channels=channels,
             attention_levels=(False,) * len(channels),
             num_res_blocks=1,
             norm_num_groups=min(8, min(channels)),
             num_class_embeds=n_classes + 1,
         )
-        self.scheduler = self._ddpm()
+        self.scheduler = self._scheduler("ddpm")
 
-    def _schedule_args(self) -> dict:
-        return {
+    def _scheduler(self, kind: str):
+        from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+        arguments = {
             "num_train_timesteps": self.config.num_train_timesteps,
             "schedule": self.config.schedule,
             "beta_start": self.config.beta_start,
             "beta_end": self.config.beta_end,
             "clip_sample": False,  # latents are LayerNorm-ed, not bounded to [-1, 1]
         }
+        return DDPMScheduler(**arguments) if kind == "ddpm" else DDIMScheduler(**arguments)
 
-    def _ddpm(self):
-        from monai.networks.schedulers import DDPMScheduler
+    def predict_noise(self, x_t: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """ε_θ(x_t, t, y) for stacks (B, C, d)."""
+        batch = x_t.shape[0]
+        maps = x_t.reshape(batch, self.n_channels, self.side, self.side)
+        return self.unet(maps, timesteps=timesteps, class_labels=labels).reshape(batch, self.n_channels, -1)
 
-        return DDPMScheduler(**self._schedule_args())
-
-    def _as_map(self, z: torch.Tensor) -> torch.Tensor:
-        return z.view(z.shape[0], 1, self.side, self.side)
-
-    def predict_noise(self, z_t: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """ε_θ(z_t, t, y) for flat latents (B, d)."""
-        return self.unet(self._as_map(z_t), timesteps=timesteps, class_labels=labels).flatten(1)
-
-    def loss(self, z0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """L_diff = E_{t,ε} ‖ε − ε_θ(√ᾱ_t z_0 + √(1−ᾱ_t) ε, t, y)‖² (Ho et al. 2020, eq. 14)."""
-        batch = z0.shape[0]
-        noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-        timesteps = torch.randint(
-            0, self.config.num_train_timesteps, (batch,), generator=generator, device=z0.device
-        )
-        z_t = self.scheduler.add_noise(original_samples=z0, noise=noise, timesteps=timesteps)
-        drop = torch.rand(batch, generator=generator, device=z0.device) < self.config.class_dropout_p
+    def loss(
+        self,
+        x0: torch.Tensor,
+        labels: torch.Tensor,
+        channel_known: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """L_diff = E_{t,ε} ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, y)‖² (Ho et al. 2020, eq. 14),
+        averaged over the channels whose truth is known (``channel_known`` (B, C); a modality absent
+        from the data has no latent to learn)."""
+        batch = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        timesteps = torch.randint(0, self.config.num_train_timesteps, (batch,), generator=generator, device=x0.device)
+        x_t = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
+        drop = torch.rand(batch, generator=generator, device=x0.device) < self.config.class_dropout_p
         conditioned = torch.where(drop, torch.full_like(labels, self.null_class), labels)
-        return torch.mean((noise - self.predict_noise(z_t, timesteps, conditioned)) ** 2)
+        error = ((noise - self.predict_noise(x_t, timesteps, conditioned)) ** 2).mean(dim=-1)  # (B, C)
+        if channel_known is None:
+            return error.mean()
+        weights = channel_known.float()
+        return (error * weights).sum() / weights.sum().clamp_min(1.0)
+
+    def _reverse(
+        self,
+        labels: torch.Tensor,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator | None,
+        known: torch.Tensor | None = None,
+        known_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        scheduler = self._scheduler("ddim")
+        scheduler.set_timesteps(num_inference_steps, device=labels.device)
+        batch = labels.shape[0]
+        shape = (batch, self.n_channels, self.side * self.side)
+        x = torch.randn(shape, generator=generator, device=labels.device)
+        null = torch.full_like(labels, self.null_class)
+        guided = guidance_scale != 0.0 and not bool((labels == self.null_class).all())
+        step_size = self.config.num_train_timesteps // num_inference_steps
+        for t in scheduler.timesteps:
+            timesteps = torch.full((batch,), int(t), device=labels.device, dtype=torch.long)
+            eps = self.predict_noise(x, timesteps, labels)
+            if guided:
+                eps_null = self.predict_noise(x, timesteps, null)
+                eps = eps_null + guidance_scale * (eps - eps_null)
+            x, _ = scheduler.step(eps, int(t), x)
+            if known is not None and known_mask is not None:
+                previous = int(t) - step_size
+                if previous >= 0:
+                    noise = torch.randn(shape, generator=generator, device=labels.device)
+                    prev_steps = torch.full((batch,), previous, device=labels.device, dtype=torch.long)
+                    truth = self.scheduler.add_noise(known, noise, prev_steps)
+                else:
+                    truth = known
+                x = torch.where(known_mask.unsqueeze(-1), truth, x)
+        return x
 
     @torch.no_grad()
     def sample(
@@ -82,21 +133,18 @@ class LatentDiffusion(nn.Module):
         guidance_scale: float,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Class-conditional DDIM sampling with classifier-free guidance; returns (B, d) latents.
+        """Class-conditional DDIM samples (B, C, d) with classifier-free guidance:
+        ε̂ = ε_θ(x_t, ∅) + s · (ε_θ(x_t, y) − ε_θ(x_t, ∅))  (Ho & Salimans 2022, eq. 6)."""
+        return self._reverse(labels, num_inference_steps, guidance_scale, generator)
 
-        ε̂ = ε_θ(z_t, ∅) + s · (ε_θ(z_t, y) − ε_θ(z_t, ∅))  (Ho & Salimans 2022, eq. 6).
-        """
-        from monai.networks.schedulers import DDIMScheduler
-
-        scheduler = DDIMScheduler(**self._schedule_args())
-        scheduler.set_timesteps(num_inference_steps, device=labels.device)
-        batch = labels.shape[0]
-        z = torch.randn((batch, self.side * self.side), generator=generator, device=labels.device)
-        null = torch.full_like(labels, self.null_class)
-        for t in scheduler.timesteps:
-            timesteps = torch.full((batch,), int(t), device=labels.device, dtype=torch.long)
-            eps_cond = self.predict_noise(z, timesteps, labels)
-            eps_null = self.predict_noise(z, timesteps, null)
-            eps = eps_null + guidance_scale * (eps_cond - eps_null)
-            z, _ = scheduler.step(eps, int(t), z)
-        return z
+    @torch.no_grad()
+    def inpaint(
+        self,
+        known: torch.Tensor,
+        known_mask: torch.Tensor,
+        num_inference_steps: int,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Fill the channels where ``known_mask`` (B, C) is False, given the others (unconditional)."""
+        labels = torch.full((known.shape[0],), self.null_class, device=known.device, dtype=torch.long)
+        return self._reverse(labels, num_inference_steps, 0.0, generator, known, known_mask)

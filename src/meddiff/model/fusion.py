@@ -50,6 +50,7 @@ class CrossModalFusion(nn.Module):
         token_masks: list[torch.Tensor],
         modality_used: torch.Tensor,
         key_bias: torch.Tensor | None = None,
+        imputed_queries: torch.Tensor | None = None,
     ) -> FusionOutput:
         """Fuse.
 
@@ -60,13 +61,16 @@ class CrossModalFusion(nn.Module):
             modality_used: (B, M) True where the modality is present and not masked; at least one
                 per row.
             key_bias: optional (B, T) additive bias on the attention logits of each key token.
+            imputed_queries: optional (B, M, d) latents imputed for unused modalities (by latent
+                diffusion); they replace the learned missing-modality tokens as queries.
         """
         batch = modality_used.shape[0]
         if not bool(modality_used.any(dim=1).all()):
             raise ValueError("every patient needs at least one modality in use")
         used = modality_used.unsqueeze(-1)  # (B, M, 1)
         queries = torch.stack(latents, dim=1)  # (B, M, d)
-        queries = torch.where(used, queries, self.missing_query.expand_as(queries))
+        stand_in = self.missing_query.expand_as(queries) if imputed_queries is None else imputed_queries
+        queries = torch.where(used, queries, stand_in)
         keys = torch.cat([t + self.modality_type[m] for m, t in enumerate(tokens)], dim=1)  # (B, T, d)
         key_valid = torch.cat(
             [mask & modality_used[:, m : m + 1] for m, mask in enumerate(token_masks)], dim=1

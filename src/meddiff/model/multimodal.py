@@ -64,6 +64,7 @@ class ModelOutput:
     z: torch.Tensor  # (B, d)
     attention: torch.Tensor  # (B, heads, M, T) fusion weights α_ij
     token_slices: dict[str, slice]  # which key tokens belong to which modality
+    modality_latents: torch.Tensor  # (B, M, d) LayerNorm-ed h_i, as diffused
     text_attentions: tuple[torch.Tensor, ...] | None = None  # per layer (B, heads, L, L)
 
 
@@ -79,10 +80,11 @@ class MedDiffModel(nn.Module):
         )
         self.tabular_encoder = TabularEncoder(spec.n_tabular, d, cfg.tabular_hidden, cfg.dropout)
         self.fusion = CrossModalFusion(d, cfg.n_heads, len(MODALITIES), cfg.dropout)
+        self.latent_norm = nn.LayerNorm(d, elementwise_affine=False)
         self.classifier = nn.Sequential(
             nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, spec.n_classes)
         )
-        self.diffusion = LatentDiffusion(d, spec.n_classes, spec.diffusion)
+        self.diffusion = LatentDiffusion(d, spec.n_classes, spec.diffusion, n_channels=1 + len(MODALITIES))
         self.image_decoder = ImageDecoder(d, spec.spatial_size)
         self.tabular_decoder = TabularDecoder(d, spec.n_tabular, cfg.tabular_hidden)
         self.keyword_decoder = KeywordDecoder(d, spec.vocab_size)
@@ -100,12 +102,21 @@ class MedDiffModel(nn.Module):
         return torch.where(terms >= 0, self.term_bias[terms.clamp_min(0)], torch.zeros_like(terms, dtype=torch.float))
 
     def forward(
-        self, batch: dict[str, torch.Tensor], modality_used: torch.Tensor, output_attentions: bool = False
+        self,
+        batch: dict[str, torch.Tensor],
+        modality_used: torch.Tensor,
+        output_attentions: bool = False,
+        impute_missing: bool = False,
+        generator: torch.Generator | None = None,
     ) -> ModelOutput:
+        """Diagnose from the modalities in ``modality_used``; with ``impute_missing`` the latent of
+        each unused modality is inpainted by the latent diffusion model from the used ones."""
         image = self.image_encoder(batch["image"])
         text, text_attentions = self.text_encoder(batch["token_ids"], batch["token_mask"], output_attentions)
         tabular = self.tabular_encoder(batch["tabular"], batch["tabular_missing"])
         encoded = (image, text, tabular)
+        latents = torch.stack([self.latent_norm(e.latent) for e in encoded], dim=1)  # (B, M, d)
+        imputed = self.impute_latents(latents, modality_used, generator) if impute_missing else None
         key_bias = None
         if self.spec.model.ontology_attention:
             key_bias = torch.cat([
@@ -114,11 +125,12 @@ class MedDiffModel(nn.Module):
                 torch.zeros(tabular.token_mask.shape, device=tabular.tokens.device),
             ], dim=1)
         fused = self.fusion(
-            latents=[e.latent for e in encoded],
+            latents=list(latents.unbind(dim=1)),
             tokens=[e.tokens for e in encoded],
             token_masks=[e.token_mask for e in encoded],
             modality_used=modality_used,
             key_bias=key_bias,
+            imputed_queries=imputed,
         )
         slices, start = {}, 0
         for name, e in zip(MODALITIES, encoded, strict=True):
@@ -129,8 +141,20 @@ class MedDiffModel(nn.Module):
             z=fused.z,
             attention=fused.attention,
             token_slices=slices,
+            modality_latents=latents,
             text_attentions=text_attentions,
         )
+
+    @torch.no_grad()
+    def impute_latents(
+        self, latents: torch.Tensor, modality_used: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Inpaint the latents of unused modalities from the used ones (channels 1.. of the stack;
+        z, channel 0, is unknown too and inpainted alongside)."""
+        known = torch.cat([torch.zeros_like(latents[:, :1]), latents], dim=1)  # (B, 1 + M, d)
+        known_mask = torch.cat([torch.zeros_like(modality_used[:, :1]), modality_used], dim=1)
+        steps = self.spec.diffusion.imputation_steps
+        return self.diffusion.inpaint(known, known_mask, steps, generator)[:, 1:]
 
     def classify_latent(self, z: torch.Tensor) -> torch.Tensor:
         return self.classifier(z)

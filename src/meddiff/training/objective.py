@@ -70,8 +70,11 @@ def compute_losses(
     present = batch["present"]
     loss_cls = F.cross_entropy(output.logits, labels, weight=weights)
 
-    z_for_diffusion = output.z.detach() if config.latent_stop_gradient else output.z
-    loss_diff = model.diffusion.loss(z_for_diffusion, labels, generator=generator)
+    stack = torch.cat([output.z.unsqueeze(1), output.modality_latents], dim=1)  # (B, 1 + M, d)
+    stack = stack.detach() if config.latent_stop_gradient else stack
+    known = torch.cat([torch.ones_like(present[:, :1]), present], dim=1)
+    stack = stack * known.unsqueeze(-1)  # a modality absent from the data has no latent to learn
+    loss_diff = model.diffusion.loss(stack, labels, channel_known=known, generator=generator)
 
     z = output.z
     has_image, has_text, has_tabular = present[:, 0].float(), present[:, 1].float(), present[:, 2].float()

@@ -1,0 +1,185 @@
+"""The meddiff Kubeflow Pipelines (v2) pipeline: the seven stage components chained by their artifacts.
+
+::
+
+    cohort → ingest → preprocess → train ─┬→ evaluate
+                                          ├→ generate
+                                          └→ explain
+
+One pipeline parameter, ``params_json``, carries every hyperparameter: its default is the validated
+params (``params.yaml`` plus any ``--set`` overrides) as JSON, so a run started without arguments uses
+exactly the params the pipeline was compiled from, and a run can override the whole object. Data
+moves only through KFP artifacts (see :mod:`meddiff_components.stages`); ``params.paths`` is not used
+on the cluster.
+
+Platform settings (not hyperparameters, so not in ``params.yaml``): the training task requests one
+``nvidia.com/gpu`` and tolerates the GPU pool's ``nvidia.com/gpu:NoSchedule`` taint; the I/O stages
+retry with exponential backoff; every task may read credentials from the optional
+``meddiff-credentials`` Secret (see ``infra/README.md``) and inherits ``MLFLOW_TRACKING_URI`` from the
+environment the pipeline is compiled in.
+
+No ``from __future__ import annotations``: KFP reads the pipeline function's annotations at
+decoration time.
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+from meddiff_components.stages import build_components
+
+from meddiff.config import Params
+from meddiff.io import atomic_file
+
+PIPELINE_NAME = "meddiff"
+PIPELINE_DESCRIPTION = (
+    "Hierarchical multimodal diffusion for robust, explainable diagnosis: "
+    "cohort → ingest → preprocess → train → evaluate | generate | explain."
+)
+
+#: Kubernetes Secret whose keys become environment variables of every task (optional: a missing
+#: Secret or key leaves the variable unset). Template: infra/README.md.
+CREDENTIALS_SECRET = "meddiff-credentials"
+CREDENTIAL_KEYS: tuple[str, ...] = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
+#: Environment variables copied from the compiling environment into every task when set there.
+PASSTHROUGH_ENV: tuple[str, ...] = ("MLFLOW_TRACKING_URI",)
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class TaskResources:
+    """Kubernetes requests/limits for one task (CPU in cores, memory as a quantity)."""
+
+    cpu_request: str
+    memory_request: str
+    memory_limit: str
+    gpus: int = 0
+
+
+#: Sized for the built-in cohort (400 patients, 32³ volumes); raise them with the cohort.
+RESOURCES: dict[str, TaskResources] = {
+    "cohort": TaskResources("1", "2Gi", "4Gi"),
+    "ingest": TaskResources("2", "4Gi", "8Gi"),
+    "preprocess": TaskResources("2", "4Gi", "8Gi"),
+    "train": TaskResources("4", "16Gi", "32Gi", gpus=1),
+    "evaluate": TaskResources("2", "8Gi", "16Gi"),
+    "generate": TaskResources("2", "8Gi", "16Gi"),
+    "explain": TaskResources("2", "8Gi", "16Gi"),
+}
+
+
+@dataclass(frozen=True)
+class Retry:
+    """``PipelineTask.set_retry`` arguments: retries with exponential backoff."""
+
+    num_retries: int = 3
+    backoff_duration: str = "30s"
+    backoff_factor: float = 2.0
+    backoff_max_duration: str = "600s"
+
+
+#: Stages that touch storage (cohort writes the raw tree, ingest reads it): transient I/O failures
+#: are worth a retry. Training and the report stages are deterministic compute; a retry repeats the
+#: failure at GPU cost.
+RETRIES: dict[str, Retry] = {"cohort": Retry(), "ingest": Retry()}
+
+
+def params_to_json(params: Params) -> str:
+    """The validated params as the JSON string the components receive (``params_json``)."""
+    return json.dumps(params.to_dict())
+
+
+def _configure(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
+    """Resources, GPU, toleration, retries, credentials and environment for one stage's task."""
+    resources = RESOURCES[stage]
+    task.set_cpu_request(resources.cpu_request)
+    task.set_memory_request(resources.memory_request)
+    task.set_memory_limit(resources.memory_limit)
+    if resources.gpus:
+        task.set_accelerator_type(GPU_RESOURCE)
+        task.set_accelerator_limit(resources.gpus)
+        kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+    if stage in RETRIES:
+        retry = RETRIES[stage]
+        task.set_retry(
+            num_retries=retry.num_retries,
+            backoff_duration=retry.backoff_duration,
+            backoff_factor=retry.backoff_factor,
+            backoff_max_duration=retry.backoff_max_duration,
+        )
+    kubernetes.use_secret_as_env(task, CREDENTIALS_SECRET, {key: key for key in CREDENTIAL_KEYS}, optional=True)
+    for name in PASSTHROUGH_ENV:
+        if os.environ.get(name):
+            task.set_env_variable(name, os.environ[name])
+    return task
+
+
+def build_pipeline(params: Params, image: str | None = None, gpu_image: str | None = None) -> Callable[..., None]:
+    """The ``meddiff`` pipeline for ``params``.
+
+    Args:
+        params: validated params; their JSON is the default of the ``params_json`` pipeline parameter.
+        image: image of every stage; default ``$MEDDIFF_IMAGE`` or the versioned project image.
+        gpu_image: image of the GPU stage (train); default ``$MEDDIFF_GPU_IMAGE``, else ``image`` when
+            given explicitly, else the versioned ``-cuda`` project image.
+
+    Returns:
+        The ``@dsl.pipeline`` function (a KFP graph component) named ``meddiff``.
+    """
+    components = build_components(image, gpu_image)
+    default_params_json = params_to_json(params)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
+    def meddiff(params_json: str = default_params_json) -> None:
+        cohort = _configure(components["cohort"](params_json=params_json), "cohort")
+        ingest = _configure(components["ingest"](params_json=params_json, raw=cohort.outputs["raw"]), "ingest")
+        preprocess = _configure(
+            components["preprocess"](params_json=params_json, interim=ingest.outputs["interim"]),
+            "preprocess",
+        )
+        train = _configure(
+            components["train"](params_json=params_json, processed=preprocess.outputs["processed"]),
+            "train",
+        )
+        processed, model = preprocess.outputs["processed"], train.outputs["model"]
+        _configure(components["evaluate"](params_json=params_json, processed=processed, model=model), "evaluate")
+        _configure(components["generate"](params_json=params_json, processed=processed, model=model), "generate")
+        _configure(components["explain"](params_json=params_json, processed=processed, model=model), "explain")
+
+    return meddiff
+
+
+def compile_pipeline(params: Params, output: Path, image: str | None = None, gpu_image: str | None = None) -> Path:
+    """Compile the pipeline for ``params`` to the IR YAML file ``output``, written atomically.
+
+    The compiler writes into a private temporary folder first; the result then replaces ``output`` in
+    one rename, so a failed compile never leaves a truncated pipeline behind.
+    """
+    output = Path(output)
+    if output.suffix not in {".yaml", ".yml"}:
+        raise ValueError(f"{output}: the pipeline is written as KFP IR YAML; use a .yaml or .yml name")
+    pipeline = build_pipeline(params, image=image, gpu_image=gpu_image)
+    with tempfile.TemporaryDirectory(prefix="meddiff-pipeline-") as staging:
+        compiled = Path(staging) / "pipeline.yaml"
+        compiler.Compiler().compile(pipeline_func=pipeline, package_path=str(compiled))
+        with atomic_file(output) as handle:
+            handle.write(compiled.read_text())
+    output.chmod(0o666 & ~_current_umask())  # atomic_file's temporary is 0600; give the usual mode
+    return output
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

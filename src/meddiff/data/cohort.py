@@ -1,0 +1,359 @@
+"""``meddiff cohort``: a deterministic synthetic multimodal head-CT cohort in ``raw_dir``.
+
+Layout written (see ``docs/data.md``)::
+
+    imaging/<patient>/<StudyInstanceUID>/<SeriesInstanceUID>/<InstanceNumber>.dcm   CT series (PS3.3 A.3)
+    masks/<patient>.nii.gz                                        lesion mask, RAS affine (NIfTI-1)
+    ehr/Patient.ndjson, Observation.ndjson, Condition.ndjson      FHIR R4 bulk-data NDJSON
+    notes/<patient>.txt                                           free-text ED note
+    cohort.json                                                   provenance and injected-fault ledger
+
+Patients are generated one by one from ``np.random.default_rng([seed, index])`` in worker processes
+and streamed to disk, so the cohort never sits in memory and the output does not depend on the
+number of workers. No modality alone determines the diagnosis (see ``bench/cohort_separability.py``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from meddiff.config import CohortConfig, Params
+from meddiff.data.dicom_writer import Scanner, StudyInfo, deterministic_uid, write_ct_series
+from meddiff.data.fhir_writer import (
+    LABS,
+    condition_resource,
+    dumps,
+    observation_resource,
+    patient_resource,
+    sample_lab,
+)
+from meddiff.data.geometry import ras_affine
+from meddiff.data.synthetic_anatomy import add_lesion, head_volume, voxel_centres
+from meddiff.data.synthetic_notes import clinical_note
+from meddiff.io import atomic_dir, write_json
+
+LOG = logging.getLogger(__name__)
+
+MAIN_SITE = "site_a"
+MINORITY_SITE = "site_b"
+COHORT_FILE = "cohort.json"
+
+#: injected fault -> (record kind, quarantine reason) that ingest must report for it
+FAULT_REASONS: dict[str, tuple[str, str]] = {
+    "truncated_dicom": ("image_series", "truncated_dicom"),
+    "non_dicom_file": ("file", "not_dicom"),
+    "out_of_range_lab": ("observation", "out_of_range"),
+    "unknown_unit": ("observation", "unknown_unit"),
+    "duplicate_patient": ("patient", "duplicate_record"),
+    "empty_note": ("note", "note_too_short"),
+    "non_utf8_note": ("note", "not_utf8"),
+    "implausible_birth_date": ("patient", "out_of_range"),
+}
+
+ICD10_DISPLAY: dict[str, str] = {
+    "Z03.89": "Encounter for observation for other suspected diseases and conditions ruled out",
+    "I63.9": "Cerebral infarction, unspecified",
+    "I61.9": "Nontraumatic intracerebral hemorrhage, unspecified",
+    "G06.0": "Intracranial abscess and granuloma",
+}
+
+#: mean, sd of age (years) per diagnosis
+AGE_MODEL: dict[str, tuple[float, float]] = {
+    "healthy": (52.0, 18.0),
+    "ischemic_stroke": (70.0, 11.0),
+    "intracerebral_hemorrhage": (66.0, 12.0),
+    "brain_abscess": (45.0, 17.0),
+}
+
+SCANNERS: dict[str, Scanner] = {
+    MAIN_SITE: Scanner("Site A Teaching Hospital", "SYNTHETIC MEDICAL", "SynthCT 64",
+                       pixel_representation=0, bits_stored=12, rescale_slope=1.0),
+    MINORITY_SITE: Scanner("Site B Community Hospital", "OTHERVENDOR", "LegacyCT 16",
+                           pixel_representation=1, bits_stored=16, rescale_slope=0.5, kvp=130.0,
+                           descending_instances=True),
+}
+
+
+@dataclass(frozen=True)
+class PatientPlan:
+    """What is decided for a patient before generation (small: the whole plan fits in memory)."""
+
+    index: int
+    patient_id: str
+    diagnosis: str
+    site: str
+    has_image: bool
+    has_note: bool
+    has_labs: bool
+    fault: str | None
+
+
+@dataclass
+class PatientOutput:
+    """What a worker hands back: NDJSON lines and counts (images and notes are already on disk)."""
+
+    patient_lines: list[str]
+    observation_lines: list[str]
+    condition_lines: list[str]
+    n_dicom_files: int
+    has_note: bool
+
+
+@dataclass
+class CohortResult:
+    """Summary of ``meddiff cohort``."""
+
+    raw_dir: Path
+    n_patients: int
+    n_dicom_files: int
+    n_observations: int
+    n_notes: int
+    class_counts: dict[str, int] = field(default_factory=dict)
+    site_counts: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _exact_counts(total: int, fractions: list[float]) -> list[int]:
+    """Largest-remainder apportionment of ``total`` to ``fractions`` (normalised)."""
+    weights = np.asarray(fractions, dtype=float)
+    quotas = weights / weights.sum() * total
+    counts = np.floor(quotas).astype(int)
+    for index in np.argsort(-(quotas - counts), kind="stable")[: total - counts.sum()]:
+        counts[index] += 1
+    return counts.tolist()
+
+
+def plan_cohort(config: CohortConfig, seed: int) -> list[PatientPlan]:
+    """Diagnosis, site, available modalities and injected fault of every patient (deterministic)."""
+    rng = np.random.default_rng([seed, 0xC0407])
+    n = config.n_patients
+    diagnoses = np.repeat(config.classes, _exact_counts(n, config.class_prevalence))
+    rng.shuffle(diagnoses)
+    n_minority = round(config.minority_site_fraction * n)
+    sites = np.array([MINORITY_SITE] * n_minority + [MAIN_SITE] * (n - n_minority))
+    rng.shuffle(sites)
+    has_image = rng.random(n) >= config.image_missing_fraction
+    has_note = rng.random(n) >= config.note_missing_fraction
+    has_labs = rng.random(n) >= config.labs_missing_fraction
+    faults: dict[int, str] = {}
+    if config.corrupt_fraction > 0:
+        n_faults = min(max(len(FAULT_REASONS), round(config.corrupt_fraction * n)), n)
+        rare = config.classes[int(np.argmin(config.class_prevalence))]
+        candidates = [i for i in rng.permutation(n).tolist() if diagnoses[i] != rare] or list(range(n))
+        kinds = list(FAULT_REASONS)
+        for position, index in enumerate(candidates[:n_faults]):
+            faults[index] = kinds[position % len(kinds)]
+    plans = []
+    for i in range(n):
+        fault = faults.get(i)
+        plans.append(PatientPlan(
+            index=i,
+            patient_id=f"P{i + 1:05d}",
+            diagnosis=str(diagnoses[i]),
+            site=str(sites[i]),
+            has_image=bool(has_image[i]) or fault in ("truncated_dicom", "non_dicom_file"),
+            has_note=bool(has_note[i]) or fault in ("empty_note", "non_utf8_note"),
+            has_labs=bool(has_labs[i]) or fault in ("out_of_range_lab", "unknown_unit"),
+            fault=fault,
+        ))
+    return plans
+
+
+def _generate_patient(task: tuple[PatientPlan, Params, Path]) -> PatientOutput:
+    """Write one patient's DICOM series, mask and note; return its FHIR lines."""
+    plan, params, raw_dir = task
+    config = params.cohort
+    rng = np.random.default_rng([params.seed, plan.index])
+    pid = plan.patient_id
+    mean_age, sd_age = AGE_MODEL.get(plan.diagnosis, (55.0, 18.0))
+    age = int(np.clip(round(rng.normal(mean_age, sd_age)), 18, 95))
+    sex = "male" if rng.random() < 0.5 else "female"
+    study_day = datetime.date(2023, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 540)))
+    birth_date = study_day - datetime.timedelta(days=int(age * 365.25 + rng.integers(1, 360)))
+    if plan.fault == "implausible_birth_date":
+        birth_date = datetime.date(1850, 1, 1)
+    study_time = f"{int(rng.integers(0, 24)):02d}{int(rng.integers(0, 60)):02d}00"
+    effective = f"{study_day.isoformat()}T{study_time[:2]}:{study_time[2:4]}:00Z"
+
+    n_files = 0
+    if plan.has_image:
+        n_files = _write_imaging(rng, plan, params, raw_dir, age, sex, study_day, study_time, birth_date)
+    else:  # keep the random stream aligned whether or not the image is written
+        rng.random()
+
+    patient_line = dumps(patient_resource(pid, sex, birth_date.isoformat(), plan.site))
+    patient_lines = [patient_line, patient_line] if plan.fault == "duplicate_patient" else [patient_line]
+
+    observation_lines = []
+    if plan.has_labs:
+        for lab in LABS:
+            value = sample_lab(rng, plan.diagnosis, lab)
+            missing = rng.random() < config.lab_missing_fraction
+            alternative = rng.random() < config.lab_alternative_unit_fraction
+            unit_override = None
+            if plan.fault == "out_of_range_lab" and lab == "wbc":
+                value, missing = 950.0, False
+            if plan.fault == "unknown_unit" and lab == "glucose":
+                unit_override, missing, alternative = "mg%", False, False
+            if missing:
+                continue
+            resource = observation_resource(
+                f"obs-{pid}-{lab}", pid, lab, value, effective, alternative_unit=alternative,
+                unit_override=unit_override,
+            )
+            observation_lines.append(dumps(resource))
+
+    icd10 = config.condition_icd10[plan.diagnosis]
+    condition = condition_resource(
+        f"cond-{pid}", pid, icd10, ICD10_DISPLAY.get(icd10, plan.diagnosis), effective
+    )
+
+    note_path = raw_dir / "notes" / f"{pid}.txt"
+    if plan.has_note:
+        text = clinical_note(rng, plan.diagnosis, age, sex)
+        if plan.fault == "empty_note":
+            note_path.write_bytes(b"")
+        elif plan.fault == "non_utf8_note":
+            note_path.write_bytes((text.strip() + " Temp 38.5°C.\n").encode("latin-1"))
+        else:
+            note_path.write_text(text, encoding="utf-8")
+    return PatientOutput(patient_lines, observation_lines, [dumps(condition)], n_files, plan.has_note)
+
+
+def _write_imaging(
+    rng: np.random.Generator, plan: PatientPlan, params: Params, raw_dir: Path, age: int, sex: str,
+    study_day: datetime.date, study_time: str, birth_date: datetime.date,
+) -> int:
+    config = params.cohort
+    minority = plan.site == MINORITY_SITE
+    n_slices, rows, columns = config.volume_shape
+    thickness = config.minority_slice_thickness_mm if minority else config.slice_thickness_mm
+    if minority:  # same head coverage with thicker slices
+        n_slices = max(2, round(n_slices * config.slice_thickness_mm / thickness))
+    spacing = (config.pixel_spacing_mm, config.pixel_spacing_mm, thickness)
+    shape = (columns, rows, n_slices)
+    points = voxel_centres(shape, spacing)
+    volume, brain, centre, semi_axes = head_volume(rng, points, age)
+    volume, mask, _ = add_lesion(rng, volume, points, brain, centre, semi_axes, plan.diagnosis)
+    if minority:
+        volume = volume * config.minority_intensity_scale + config.minority_intensity_offset_hu
+    noise = config.minority_noise_hu if minority else config.noise_hu
+    volume = volume + rng.normal(0.0, noise, size=volume.shape)
+
+    study_uid = deterministic_uid(params.seed, plan.patient_id, "study")
+    series_uid = deterministic_uid(params.seed, plan.patient_id, "series")
+    info = StudyInfo(
+        patient_id=plan.patient_id,
+        patient_sex="M" if sex == "male" else "F",
+        patient_birth_date=birth_date.strftime("%Y%m%d"),
+        patient_age=f"{min(age, 999):03d}Y",
+        study_date=study_day.strftime("%Y%m%d"),
+        study_time=study_time,
+        accession_number=f"ACC{plan.index + 1:08d}",
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        frame_of_reference_uid=deterministic_uid(params.seed, plan.patient_id, "frame"),
+    )
+    first_position = tuple(float(-(n - 1) / 2.0 * s) for n, s in zip(shape, spacing, strict=True))
+    series_dir = raw_dir / "imaging" / plan.patient_id / study_uid / series_uid
+    paths = write_ct_series(
+        series_dir, volume, config.pixel_spacing_mm, thickness, first_position, info, SCANNERS[plan.site]
+    )
+    affine = ras_affine(first_position, [1, 0, 0, 0, 1, 0], (spacing[1], spacing[0]), (0.0, 0.0, thickness))
+    mask_image = nib.Nifti1Image(mask, affine)
+    mask_image.set_qform(affine, code=1)
+    mask_image.set_sform(affine, code=1)
+    nib.save(mask_image, raw_dir / "masks" / f"{plan.patient_id}.nii.gz")
+
+    if plan.fault == "truncated_dicom":  # an interrupted transfer: half of a middle slice arrives
+        victim = sorted(paths)[len(paths) // 2]
+        data = victim.read_bytes()
+        victim.write_bytes(data[: int(len(data) * 0.6)])
+    if plan.fault == "non_dicom_file":
+        (series_dir.parent / "export_log.txt").write_text(
+            f"scanner export log for accession {info.accession_number}: 1 series sent\n"
+        )
+    return len(paths)
+
+
+def _worker_count(config: CohortConfig, n_tasks: int) -> int:
+    workers = config.num_workers or (os.cpu_count() or 1)
+    return max(1, min(workers, n_tasks))
+
+
+def generate_cohort(params: Params, raw_dir: Path) -> CohortResult:
+    """Write the synthetic cohort of ``params.cohort`` into ``raw_dir`` (replaced atomically)."""
+    started = time.perf_counter()
+    config = params.cohort
+    plans = plan_cohort(config, params.seed)
+    raw_dir = Path(raw_dir)
+    n_files = n_observations = n_notes = 0
+    with atomic_dir(raw_dir) as staging:
+        for sub in ("imaging", "masks", "ehr", "notes"):
+            (staging / sub).mkdir()
+        tasks = ((plan, params, staging) for plan in plans)
+        workers = _worker_count(config, len(plans))
+        progress = tqdm(total=len(plans), desc="cohort", unit="patient", disable=not sys.stderr.isatty())
+        with (
+            open(staging / "ehr" / "Patient.ndjson", "w") as patients,
+            open(staging / "ehr" / "Observation.ndjson", "w") as observations,
+            open(staging / "ehr" / "Condition.ndjson", "w") as conditions,
+        ):
+            if workers > 1:
+                pool = multiprocessing.get_context("fork").Pool(workers)
+                outputs = pool.imap(_generate_patient, tasks, chunksize=4)
+            else:
+                pool = None
+                outputs = map(_generate_patient, tasks)
+            try:
+                for output in outputs:  # in patient order: the NDJSON files are deterministic
+                    for handle, lines in ((patients, output.patient_lines),
+                                          (observations, output.observation_lines),
+                                          (conditions, output.condition_lines)):
+                        for line in lines:
+                            handle.write(line + "\n")
+                    n_files += output.n_dicom_files
+                    n_observations += len(output.observation_lines)
+                    n_notes += int(output.has_note)
+                    progress.update()
+            finally:
+                progress.close()
+                if pool is not None:
+                    pool.close()
+                    pool.join()
+        class_counts = {name: sum(p.diagnosis == name for p in plans) for name in config.classes}
+        site_counts = {site: sum(p.site == site for p in plans) for site in (MAIN_SITE, MINORITY_SITE)}
+        faults = {p.patient_id: p.fault for p in plans if p.fault}
+        write_json(staging / COHORT_FILE, {
+            "generator": "meddiff.data.cohort",
+            "seed": params.seed,
+            # num_workers does not change the output, so it stays out of the provenance
+            "cohort_params": config.model_dump(mode="json", exclude={"num_workers"}),
+            "n_patients": len(plans),
+            "class_counts": class_counts,
+            "site_counts": site_counts,
+            "faults": [
+                {"patient_id": pid, "fault": fault, "record_kind": FAULT_REASONS[fault][0],
+                 "expected_reason": FAULT_REASONS[fault][1]}
+                for pid, fault in faults.items()
+            ],
+        })
+    seconds = time.perf_counter() - started
+    LOG.info("cohort: %d patients, %d DICOM files in %s (%.1f s)", len(plans), n_files, raw_dir, seconds)
+    return CohortResult(
+        raw_dir=raw_dir, n_patients=len(plans), n_dicom_files=n_files, n_observations=n_observations,
+        n_notes=n_notes, class_counts=class_counts, site_counts=site_counts, faults=faults,
+        seconds=round(seconds, 2),
+    )

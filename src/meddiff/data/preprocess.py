@@ -1,0 +1,246 @@
+"""``meddiff preprocess``: interim manifest + NIfTI -> the processed-data contract (:mod:`.dataset`).
+
+1. patient-level stratified splits (label × site, :mod:`.splits`);
+2. images through MONAI dictionary transforms (:mod:`.transforms`); no image → zeros, absent flag;
+3. note tokenizer fitted on the training split's notes only (:mod:`.tokenizer`);
+4. tabular features (canonical labs, age, sex): training-split median imputation and training-split
+   mean/std standardisation, with ``tabular_missing`` flags;
+5. ``arrays.npz`` + ``meta.json`` via :func:`meddiff.data.dataset.save_processed`, ``tokenizer.json``,
+   and a data card in ``report_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from meddiff import MODALITIES
+from meddiff.config import Params
+from meddiff.data.dataset import SPLITS, TOKENIZER_FILE, save_processed
+from meddiff.data.ingest import MANIFEST_FILE
+from meddiff.data.splits import assert_stratified, stratified_split
+from meddiff.data.tokenizer import SPECIAL_TOKENS, encode_notes, train_note_tokenizer
+from meddiff.data.transforms import IMAGE_KEY, MASK_KEY, image_transforms
+from meddiff.io import atomic_dir, atomic_file, write_json
+
+LOG = logging.getLogger(__name__)
+
+#: non-lab tabular features and their UCUM units
+DEMOGRAPHIC_FEATURES: dict[str, str] = {"age": "a", "sex_male": "{indicator}"}
+
+
+@dataclass
+class TabularScaler:
+    """Training-split statistics per feature: median (imputation), mean and std (standardisation)."""
+
+    names: list[str]
+    units: list[str]
+    median: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+    def transform(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Impute with the median, standardise; return ``(features float32, missing bool)``."""
+        missing = np.isnan(raw)
+        filled = np.where(missing, self.median, raw)
+        return ((filled - self.mean) / self.std).astype(np.float32), missing
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {"name": n, "unit": u, "mean": float(m), "std": float(s), "median": float(md)}
+            for n, u, m, s, md in zip(self.names, self.units, self.mean, self.std, self.median, strict=True)
+        ]
+
+
+@dataclass
+class PreprocessResult:
+    """Summary of ``meddiff preprocess``."""
+
+    processed_dir: Path
+    n_patients: int
+    split_counts: dict[str, int] = field(default_factory=dict)
+    vocab_size: int = 0
+    n_tabular: int = 0
+    seconds: float = 0.0
+
+
+def tabular_frame(manifest: pd.DataFrame, labs: list[str]) -> pd.DataFrame:
+    """Raw tabular features (NaN where missing): canonical labs, age, sex as a male indicator."""
+    frame = manifest[labs].astype(float).copy()
+    frame["age"] = manifest["age"].astype(float)
+    sex = manifest["sex"].map({"male": 1.0, "female": 0.0})
+    frame["sex_male"] = sex.astype(float)
+    return frame
+
+
+def fit_tabular_scaler(train: pd.DataFrame, units: list[str]) -> TabularScaler:
+    """Fit on the training rows only (NaN-aware); a constant feature gets std 1."""
+    values = train.to_numpy(dtype=float)
+    observed = ~np.isnan(values)
+    if not observed.any(axis=0).all():
+        empty = [name for name, ok in zip(train.columns, observed.any(axis=0), strict=True) if not ok]
+        raise ValueError(f"tabular features {empty} have no value in the training split")
+    median = np.nanmedian(values, axis=0)
+    mean = np.nanmean(values, axis=0)
+    std = np.nanstd(values, axis=0)
+    std = np.where(std > 1e-8, std, 1.0)
+    return TabularScaler(list(train.columns), units, median, mean, std)
+
+
+def _images(manifest: pd.DataFrame, interim_dir: Path, params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    config = params.preprocess
+    n = len(manifest)
+    shape = (n, 1, *config.spatial_size)
+    images = np.zeros(shape, dtype=np.float16)
+    masks = np.zeros(shape, dtype=np.uint8)
+    has_mask = np.zeros(n, dtype=bool)
+    with_mask = image_transforms(config, with_mask=True)
+    without_mask = image_transforms(config, with_mask=False)
+    rows = manifest[["image_path", "mask_path"]].itertuples(index=False)
+    for i, (image_path, mask_path) in enumerate(tqdm(rows, total=n, desc="preprocess images",
+                                                     disable=not sys.stderr.isatty())):
+        if not isinstance(image_path, str):
+            continue
+        if isinstance(mask_path, str):
+            item = with_mask({IMAGE_KEY: str(interim_dir / image_path), MASK_KEY: str(interim_dir / mask_path)})
+            masks[i] = (np.asarray(item[MASK_KEY]) > 0.5).astype(np.uint8)
+            has_mask[i] = True
+        else:
+            item = without_mask({IMAGE_KEY: str(interim_dir / image_path)})
+        images[i] = np.asarray(item[IMAGE_KEY], dtype=np.float16)
+    return images, masks, has_mask
+
+
+def _data_card(manifest: pd.DataFrame, split: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    frame = manifest.assign(split=split)
+
+    def counts(column: str) -> dict[str, int]:
+        return {str(k): int(v) for k, v in frame[column].value_counts().sort_index().items()}
+
+    return {
+        "n_patients": len(frame),
+        "classes": class_names,
+        "per_class": {c: int((frame.label == c).sum()) for c in class_names},
+        "per_site": counts("site"),
+        "per_split": {s: int((frame.split == s).sum()) for s in SPLITS},
+        "class_by_split": {s: {c: int(((frame.split == s) & (frame.label == c)).sum()) for c in class_names}
+                           for s in SPLITS},
+        "site_by_split": {s: {str(site): int(((frame.split == s) & (frame.site == site)).sum())
+                              for site in sorted(frame.site.unique())} for s in SPLITS},
+        "modality_availability": {
+            "image": int(frame.has_image.sum()), "text": int(frame.has_note.sum()),
+            "tabular": int(frame.has_labs.sum()),
+            "all_three": int((frame.has_image & frame.has_note & frame.has_labs).sum()),
+        },
+        "lesion_masks": int(frame.mask_path.notna().sum()),
+    }
+
+
+def _data_card_markdown(card: dict[str, Any]) -> str:
+    lines = ["# Data card: processed meddiff cohort", "", f"Patients: {card['n_patients']}", "",
+             "| class | " + " | ".join(SPLITS) + " | total |", "|---|" + "---|" * (len(SPLITS) + 1)]
+    for name in card["classes"]:
+        per = [str(card["class_by_split"][s][name]) for s in SPLITS]
+        lines.append(f"| {name} | " + " | ".join(per) + f" | {card['per_class'][name]} |")
+    lines += ["", "| site | " + " | ".join(SPLITS) + " | total |", "|---|" + "---|" * (len(SPLITS) + 1)]
+    for site, total in card["per_site"].items():
+        per = [str(card["site_by_split"][s].get(site, 0)) for s in SPLITS]
+        lines.append(f"| {site} | " + " | ".join(per) + f" | {total} |")
+    lines += ["", "Modality availability: " + ", ".join(f"{k} {v}" for k, v in card["modality_availability"].items()),
+              f"Lesion masks: {card['lesion_masks']}", ""]
+    return "\n".join(lines)
+
+
+def run_preprocess(params: Params, interim_dir: Path, processed_dir: Path, report_dir: Path) -> PreprocessResult:
+    """Build the processed dataset of the whole cohort; fit everything on the training split only."""
+    started = time.perf_counter()
+    interim_dir = Path(interim_dir)
+    manifest_path = interim_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: not found; run `meddiff ingest` first")
+    config = params.preprocess
+    class_names = list(params.cohort.classes)
+    manifest = pd.read_parquet(manifest_path).sort_values("patient_id").reset_index(drop=True)
+    unknown = sorted(set(manifest["label"]) - set(class_names))
+    if unknown:
+        raise ValueError(f"{manifest_path}: labels {unknown} are not in cohort.classes {class_names}")
+    if manifest.empty:
+        raise ValueError(f"{manifest_path}: no patients to preprocess")
+
+    split = stratified_split(manifest, config.val_fraction, config.test_fraction, params.seed)
+    assert_stratified(manifest, split)
+    train = split == "train"
+
+    images, masks, has_mask = _images(manifest, interim_dir, params)
+    LOG.info("preprocess: %d images through MONAI (%.1f s)", int(manifest.has_image.sum()),
+             time.perf_counter() - started)
+
+    notes = [n if isinstance(n, str) and n else None for n in manifest["note"]]
+    train_notes = [n for n, t in zip(notes, train, strict=True) if t and n]
+    tokenizer = train_note_tokenizer(train_notes, config.vocab_size, config.max_note_tokens)
+    token_ids, token_mask = encode_notes(tokenizer, notes, config.max_note_tokens)
+
+    labs = list(params.ingest.lab_units)
+    raw_tabular = tabular_frame(manifest, labs)
+    units = [params.ingest.lab_units[lab] for lab in labs] + list(DEMOGRAPHIC_FEATURES.values())
+    scaler = fit_tabular_scaler(raw_tabular[train], units)
+    tabular, tabular_missing = scaler.transform(raw_tabular.to_numpy(dtype=float))
+
+    modality_present = np.stack([
+        manifest["has_image"].to_numpy(bool),
+        np.array([n is not None for n in notes]),
+        manifest["has_labs"].to_numpy(bool),
+    ], axis=1)
+    arrays = {
+        "patient_id": manifest["patient_id"].to_numpy(str),
+        "label": np.array([class_names.index(label) for label in manifest["label"]], dtype=np.int64),
+        "split": split.astype(str),
+        "site": manifest["site"].to_numpy(str),
+        "image": images,
+        "lesion_mask": masks,
+        "has_lesion_mask": has_mask,
+        "token_ids": token_ids,
+        "token_mask": token_mask,
+        "tabular": tabular,
+        "tabular_missing": tabular_missing,
+        "modality_present": modality_present,
+    }
+    split_counts = {s: int((split == s).sum()) for s in SPLITS}
+    meta = {
+        "class_names": class_names,
+        "modalities": list(MODALITIES),
+        "vocab_size": int(tokenizer.get_vocab_size()),
+        "special_tokens": {token: i for i, token in enumerate(SPECIAL_TOKENS)},
+        "max_note_tokens": config.max_note_tokens,
+        "spatial_size": list(config.spatial_size),
+        "pixdim_mm": list(config.pixdim_mm),
+        "hu_window": list(config.hu_window),
+        "tabular_features": scaler.describe(),
+        "split_counts": split_counts,
+        "n_patients": len(manifest),
+        "sites": sorted(manifest["site"].unique().tolist()),
+        "seed": params.seed,
+        "params_digest": params.digest(),
+    }
+    card = _data_card(manifest, split, class_names)
+    with atomic_dir(processed_dir) as staging, atomic_dir(report_dir) as report:
+        save_processed(staging, arrays, meta)
+        with atomic_file(staging / TOKENIZER_FILE) as handle:
+            handle.write(tokenizer.to_str(pretty=True))
+        write_json(report / "data_card.json", card)
+        (report / "data_card.md").write_text(_data_card_markdown(card), encoding="utf-8")
+    seconds = time.perf_counter() - started
+    LOG.info("preprocess: %d patients, splits %s, vocab %d (%.1f s)", len(manifest), split_counts,
+             meta["vocab_size"], seconds)
+    return PreprocessResult(
+        processed_dir=Path(processed_dir), n_patients=len(manifest), split_counts=split_counts,
+        vocab_size=meta["vocab_size"], n_tabular=len(scaler.names), seconds=round(seconds, 2),
+    )

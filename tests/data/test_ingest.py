@@ -1,0 +1,144 @@
+"""Ingest: every injected fault is quarantined with its reason, counts add up, GX finds bad rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from meddiff.config import IngestConfig
+from meddiff.data.fhir import harmonise, icd10_class, observation_row
+from meddiff.data.validation import RECORD_ID, TableValidator, observation_rules, series_rules
+
+if TYPE_CHECKING:
+    from tests.data.conftest import Pipeline
+
+
+def _quarantine(pipeline: Pipeline) -> list[dict]:
+    path = pipeline.quarantine / "quarantine.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_counts_add_up(pipeline: Pipeline) -> None:
+    report = json.loads((pipeline.ingest_report / "validation.json").read_text())
+    assert report["records_in"] == report["accepted"] + report["quarantined"]
+    assert report["quarantined"] == sum(report["quarantined_by_reason"].values()) == len(_quarantine(pipeline))
+    assert report["records_in"] == sum(k["records_in"] for k in report["by_kind"].values())
+    assert set(report["by_kind"]) >= {"patient", "observation", "condition", "note", "image_series", "lesion_mask"}
+    assert (pipeline.ingest_report / "validation.html").is_file()
+    for table in ("patient", "observation", "condition", "note", "image_series"):
+        gx_result = json.loads((pipeline.ingest_report / "gx" / f"{table}.json").read_text())
+        assert "results" in gx_result
+
+
+def test_every_injected_fault_is_quarantined_with_its_reason(pipeline: Pipeline) -> None:
+    ledger = json.loads((pipeline.raw / "cohort.json").read_text())
+    quarantined = _quarantine(pipeline)
+    for fault in ledger["faults"]:
+        pid = fault["patient_id"]
+        matches = [q for q in quarantined
+                   if q["kind"] == fault["record_kind"] and q["reason"] == fault["expected_reason"]
+                   and (q["patient_id"] == pid or f"/{pid}/" in q["source"])]
+        assert matches, f"{fault} not found in quarantine"
+        for match in matches:
+            assert match["message"]
+            for copy in match["copies"]:
+                assert (pipeline.quarantine / copy).is_file()
+
+
+def test_a_quarantined_patient_orphans_its_records(pipeline: Pipeline) -> None:
+    ledger = json.loads((pipeline.raw / "cohort.json").read_text())
+    pid = next(f["patient_id"] for f in ledger["faults"] if f["fault"] == "implausible_birth_date")
+    records = [q for q in _quarantine(pipeline) if q["patient_id"] == pid]
+    kinds = {q["kind"]: q["reason"] for q in records}
+    assert kinds["patient"] == "out_of_range"
+    assert kinds["condition"] == "orphan_record"
+    manifest = pd.read_parquet(pipeline.interim / "manifest.parquet")
+    assert pid not in set(manifest.patient_id)
+
+
+def test_manifest_keeps_the_accepted_modalities(pipeline: Pipeline) -> None:
+    manifest = pd.read_parquet(pipeline.interim / "manifest.parquet")
+    labs = list(pipeline.params.ingest.lab_units)
+    assert list(manifest.columns) == ["patient_id", "site", "label", "age", "sex", *labs, "note", "image_path",
+                                      "series_instance_uid", "has_image", "has_note", "has_labs", "mask_path"]
+    assert manifest.patient_id.is_unique
+    assert set(manifest.label) <= set(pipeline.params.cohort.classes)
+    ledger = json.loads((pipeline.raw / "cohort.json").read_text())
+    faults = {f["fault"]: f["patient_id"] for f in ledger["faults"]}
+    row = manifest.set_index("patient_id").loc[faults["truncated_dicom"]]
+    assert not row.has_image and pd.isna(row.image_path) and pd.isna(row.mask_path)
+    assert not manifest.set_index("patient_id").loc[faults["non_utf8_note"]].has_note
+    assert np.isnan(manifest.set_index("patient_id").loc[faults["out_of_range_lab"], "wbc"])
+    for _, item in manifest[manifest.has_image].iterrows():
+        assert (pipeline.interim / item.image_path).is_file()
+    assert (manifest.has_image | manifest.has_note | manifest.has_labs).all()
+    assert manifest.temperature.dropna().between(34, 42).all(), "°F values were converted to Cel"
+    assert manifest.glucose.dropna().between(1, 20).all(), "mg/dL values were converted to mmol/L"
+
+
+def test_gx_catches_a_planted_out_of_range_value() -> None:
+    config = IngestConfig()
+    rows = []
+    for i, value in enumerate([7.0, 950.0, 8.1]):
+        rows.append({RECORD_ID: f"obs-{i}", "observation_id": f"o{i}", "patient_id": "P1", "lab": "wbc",
+                     "raw_value": value, "unit": "10*3/uL", "value": value})
+    rows.append({RECORD_ID: "obs-3", "observation_id": "o3", "patient_id": "P1", "lab": "temperature",
+                 "raw_value": 99.0, "unit": "kg", "value": None})
+    frame = pd.DataFrame(rows)
+    for lab in config.lab_units:
+        frame[lab] = frame["value"].where(frame["lab"] == lab).astype(float)
+    outcome = TableValidator().validate("observation", frame, observation_rules(config.lab_ranges, config.lab_units))
+    assert not outcome.success
+    assert outcome.failures.keys() == {"obs-1", "obs-3"}
+    assert outcome.failures["obs-1"][0] == "out_of_range" and "950" in outcome.failures["obs-1"][1]
+    assert outcome.failures["obs-3"][0] == "unknown_unit"
+
+
+def test_unit_harmonisation_and_code_mapping() -> None:
+    assert harmonise("glucose", 180.16, "mg/dL", "mmol/L") == pytest.approx(10.0)
+    assert harmonise("temperature", 98.6, "[degF]", "Cel") == pytest.approx(37.0)
+    assert harmonise("crp", 5.0, "mg/dL", "mmol/L") is None  # molar mass conversion is glucose-only
+    assert harmonise("glucose", 5.0, "mg%", "mmol/L") is None
+    assert icd10_class("I63.4", {"I63": "ischemic_stroke", "I6": "other"}) == "ischemic_stroke"
+    assert icd10_class("Q99", {"I63": "ischemic_stroke"}) is None
+    resource = {"resourceType": "Observation", "id": "o", "code": {"coding": [{"system": "http://loinc.org",
+                "code": "2345-7"}]}, "subject": {"reference": "Patient/P9"},
+                "valueQuantity": {"value": 90.08, "code": "mg/dL"}}
+    row = observation_row(resource, {"2345-7": "glucose"}, {"glucose": "mmol/L"})
+    assert row["patient_id"] == "P9" and row["value"] == pytest.approx(5.0)
+
+
+def test_one_bad_record_never_stops_the_stage(pipeline: Pipeline, tmp_path: Path) -> None:
+    """A malformed line, a stray file and an unknown ICD-10 code are quarantined; the stage finishes."""
+    import shutil
+
+    from meddiff.data.ingest import run_ingest
+
+    raw = tmp_path / "raw"
+    shutil.copytree(pipeline.raw, raw)
+    with open(raw / "ehr" / "Condition.ndjson", "a") as handle:
+        handle.write("{not json\n")
+        unknown_code = {"resourceType": "Condition", "id": "cx", "subject": {"reference": "Patient/P00001"},
+                        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "Q99"}]}}
+        handle.write(json.dumps(unknown_code) + "\n")
+    (raw / "stray.csv").write_text("a,b\n")
+    result = run_ingest(pipeline.params, raw, tmp_path / "interim", tmp_path / "q", tmp_path / "report")
+    reasons = {(q["kind"], q["reason"]) for q in
+               map(json.loads, (tmp_path / "q" / "quarantine.jsonl").read_text().splitlines())}
+    assert {("condition", "invalid_json"), ("condition", "unknown_code"), ("file", "unexpected_file")} <= reasons
+    assert result.records_in == result.accepted + result.quarantined
+
+
+def test_gx_rejects_every_series_of_a_patient_with_two() -> None:
+    frame = pd.DataFrame({RECORD_ID: ["s1", "s2", "s3"], "patient_id": ["P1", "P1", "P2"],
+                          "series_uid": ["1", "2", "3"],
+                          "n_slices": [24, 24, 24], "hu_min": [-1000.0, -1000.0, -1000.0],
+                          "hu_max": [1000.0, 1000.0, 9000.0]})
+    outcome = TableValidator().validate("image_series", frame, series_rules())
+    assert outcome.failures["s1"][0] == outcome.failures["s2"][0] == "multiple_series"
+    assert outcome.failures["s3"][0] == "implausible_hu"

@@ -1,0 +1,223 @@
+"""The compiled KFP v2 pipeline, checked on its IR (the YAML the compiler writes), not on substrings.
+
+The compiled file holds two YAML documents: the ``PipelineSpec`` and the ``PlatformSpec``
+(Kubernetes settings from ``kfp.kubernetes``: tolerations, Secrets).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from meddiff_components.stages import GPU_IMAGE_ENV, IMAGE_ENV, STAGE_FUNCTIONS
+from meddiff_pipelines.pipeline import CREDENTIALS_SECRET, compile_pipeline
+
+import meddiff
+from meddiff.cli import main
+from meddiff.config import Params, apply_overrides, load_params
+from meddiff.stages import STAGES
+
+REPO = Path(__file__).resolve().parents[2]
+PARAMS_FILE = REPO / "params.yaml"
+DOWNSTREAM_OF_TRAIN = ("evaluate", "generate", "explain")
+
+
+def load_ir(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pipeline spec, platform spec) of a compiled pipeline file."""
+    documents = list(yaml.safe_load_all(path.read_text()))
+    assert len(documents) == 2, "expected the PipelineSpec and the PlatformSpec documents"
+    return documents[0], documents[1]
+
+
+def executor_of(spec: dict[str, Any], task: str) -> str:
+    """The executor label (``exec-train``) of a root DAG task."""
+    component = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
+    return spec["components"][component]["executorLabel"]
+
+
+@pytest.fixture(autouse=True)
+def _no_image_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (IMAGE_ENV, GPU_IMAGE_ENV, "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def params() -> Params:
+    return load_params(PARAMS_FILE)
+
+
+@pytest.fixture
+def compiled(params: Params, tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    output = compile_pipeline(params, tmp_path / "pipeline.yaml", image=None)
+    return load_ir(output)
+
+
+def test_one_component_per_stage() -> None:
+    assert list(STAGE_FUNCTIONS) == list(STAGES)
+
+
+def test_seven_tasks(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, _ = compiled
+    assert spec["pipelineInfo"]["name"] == "meddiff"
+    assert set(spec["root"]["dag"]["tasks"]) == set(STAGES)
+
+
+def test_dependencies(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    tasks = compiled[0]["root"]["dag"]["tasks"]
+    depends = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    assert depends["cohort"] == set()
+    assert depends["ingest"] == {"cohort"}
+    assert depends["preprocess"] == {"ingest"}
+    assert depends["train"] == {"preprocess"}
+    for name in DOWNSTREAM_OF_TRAIN:
+        # after train, and in parallel with each other
+        assert "train" in depends[name]
+        assert not depends[name] & set(DOWNSTREAM_OF_TRAIN)
+
+
+def test_artifacts_wire_stage_outputs_to_inputs(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    tasks = compiled[0]["root"]["dag"]["tasks"]
+
+    def source(task: str, artifact: str) -> tuple[str, str]:
+        ref = tasks[task]["inputs"]["artifacts"][artifact]["taskOutputArtifact"]
+        return ref["producerTask"], ref["outputArtifactKey"]
+
+    assert source("ingest", "raw") == ("cohort", "raw")
+    assert source("preprocess", "interim") == ("ingest", "interim")
+    assert source("train", "processed") == ("preprocess", "processed")
+    for name in DOWNSTREAM_OF_TRAIN:
+        assert source(name, "processed") == ("preprocess", "processed")
+        assert source(name, "model") == ("train", "model")
+
+
+def test_component_artifacts_match_stage_paths(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """Every path argument of a stage is a component artifact named without ``_dir``, and back."""
+    spec, _ = compiled
+    for stage, stage_spec in STAGES.items():
+        component = spec["components"][f"comp-{stage}"]
+        inputs = set(component.get("inputDefinitions", {}).get("artifacts", {}))
+        outputs = set(component.get("outputDefinitions", {}).get("artifacts", {})) - {"metrics"}
+        assert {f"{name}_dir" for name in inputs | outputs} == set(stage_spec.paths), stage
+        assert set(component["inputDefinitions"]["parameters"]) == {"params_json"}
+
+
+def test_evaluate_logs_metrics_and_returns_result(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    outputs = compiled[0]["components"]["comp-evaluate"]["outputDefinitions"]
+    assert outputs["artifacts"]["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
+    assert outputs["parameters"]["Output"]["parameterType"] == "STRUCT"
+
+
+def test_train_requests_one_gpu(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    resources = executors[executor_of(spec, "train")]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert int(resources["accelerator"]["resourceCount"]) == 1
+    assert "resourceCpuRequest" in resources and "resourceMemoryRequest" in resources
+    for stage in set(STAGES) - {"train"}:
+        assert "accelerator" not in executors[executor_of(spec, stage)]["container"].get("resources", {})
+
+
+def test_train_tolerates_gpu_taint(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, platform = compiled
+    kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in kubernetes[
+        executor_of(spec, "train")
+    ]["tolerations"]
+    for stage in set(STAGES) - {"train"}:
+        assert "tolerations" not in kubernetes[executor_of(spec, stage)]
+
+
+def test_credentials_from_optional_secret(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, platform = compiled
+    kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for stage in STAGES:
+        (secret,) = kubernetes[executor_of(spec, stage)]["secretAsEnv"]
+        assert secret["secretName"] == CREDENTIALS_SECRET
+        assert secret["optional"] is True
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= {m["envVar"] for m in secret["keyToEnv"]}
+
+
+def test_retries_with_backoff_on_io_stages(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    tasks = compiled[0]["root"]["dag"]["tasks"]
+    for name in ("cohort", "ingest"):
+        policy = tasks[name]["retryPolicy"]
+        assert policy["maxRetryCount"] >= 1
+        assert policy["backoffFactor"] > 1
+        assert policy["backoffDuration"].endswith("s")
+    for name in ("train", *DOWNSTREAM_OF_TRAIN):
+        assert "retryPolicy" not in tasks[name]
+
+
+def test_params_json_default_is_the_params_file(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    parameter = compiled[0]["root"]["inputDefinitions"]["parameters"]["params_json"]
+    assert parameter["parameterType"] == "STRING"
+    assert json.loads(parameter["defaultValue"]) == load_params(PARAMS_FILE).to_dict()
+
+
+def test_params_json_default_carries_overrides(params: Params, tmp_path: Path) -> None:
+    spec, _ = load_ir(compile_pipeline(apply_overrides(params, ["train.epochs=3"]), tmp_path / "p.yaml"))
+    default = spec["root"]["inputDefinitions"]["parameters"]["params_json"]["defaultValue"]
+    assert json.loads(default)["train"]["epochs"] == 3
+
+
+def test_no_pip_install_at_run_time(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, _ = compiled
+    for label, executor in spec["deploymentSpec"]["executors"].items():
+        container = executor["container"]
+        for part in [*container["command"], *container.get("args", [])]:
+            assert "pip install" not in part, f"{label} installs packages at run time"
+
+
+def test_default_images(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    version = meddiff.__version__
+    for stage in STAGES:
+        expected = f"ghcr.io/meddiff/meddiff:{version}" + ("-cuda" if stage == "train" else "")
+        assert executors[executor_of(spec, stage)]["container"]["image"] == expected
+
+
+def test_image_from_environment(params: Params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(IMAGE_ENV, "registry.local/meddiff:dev")
+    monkeypatch.setenv(GPU_IMAGE_ENV, "registry.local/meddiff:dev-cuda")
+    spec, _ = load_ir(compile_pipeline(params, tmp_path / "p.yaml"))
+    images = {
+        stage: spec["deploymentSpec"]["executors"][executor_of(spec, stage)]["container"]["image"] for stage in STAGES
+    }
+    assert images.pop("train") == "registry.local/meddiff:dev-cuda"
+    assert set(images.values()) == {"registry.local/meddiff:dev"}
+
+
+def test_explicit_image_is_used_everywhere(params: Params, tmp_path: Path) -> None:
+    spec, _ = load_ir(compile_pipeline(params, tmp_path / "p.yaml", image="registry.local/meddiff:x"))
+    images = {executor["container"]["image"] for executor in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.local/meddiff:x"}
+
+
+def test_mlflow_tracking_uri_passes_through(params: Params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.meddiff.svc:5000")
+    spec, _ = load_ir(compile_pipeline(params, tmp_path / "p.yaml"))
+    env = spec["deploymentSpec"]["executors"][executor_of(spec, "train")]["container"]["env"]
+    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.meddiff.svc:5000"} in env
+
+
+def test_compile_writes_into_new_folder_and_rejects_other_formats(params: Params, tmp_path: Path) -> None:
+    output = compile_pipeline(params, tmp_path / "nested" / "pipeline.yaml")
+    assert output.is_file()
+    assert [p.name for p in output.parent.iterdir()] == ["pipeline.yaml"]  # no temporary left behind
+    with pytest.raises(ValueError, match=r"\.yaml"):
+        compile_pipeline(params, tmp_path / "pipeline.json")
+
+
+def test_cli_compile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "pipeline.yaml"
+    argv = ["pipeline", "compile", "--params", str(PARAMS_FILE), "--set", "train.epochs=2", "--output", str(output)]
+    assert main(argv) == 0
+    assert f"wrote {output}" in capsys.readouterr().out
+    spec, _ = load_ir(output)
+    default = spec["root"]["inputDefinitions"]["parameters"]["params_json"]["defaultValue"]
+    assert json.loads(default)["train"]["epochs"] == 2
