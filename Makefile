@@ -7,13 +7,14 @@ STAMP := $(VENV)/.installed
 # pip on these machines prints one warning per missing local index folder; hide only those lines.
 PIP_QUIET := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install run test lint compile bench clean
+.PHONY: help install run test lint compile images bench clean
 
 help:
 	@echo "make run      set up .venv, then dvc repro the whole pipeline on the built-in cohort"
 	@echo "make test     set up .venv, then run the test suite"
 	@echo "make lint     ruff"
 	@echo "make compile  compile the Kubeflow pipeline to pipeline.yaml"
+	@echo "make images REGISTRY=host/path   build + push the CPU and CUDA stage images (needs a Docker engine)"
 	@echo "make bench    run the benchmarks under bench/"
 
 $(BIN)/python:
@@ -48,6 +49,16 @@ lint: $(STAMP)
 
 compile: $(STAMP)
 	$(BIN)/meddiff pipeline compile --output pipeline.yaml
+
+# Build and push docker/Dockerfile and docker/Dockerfile.cuda as $(REGISTRY)/meddiff:<version>-<commit>[-cuda]
+# through the Docker SDK (docker/build_images.py); IMAGES_FLAGS=--no-push builds only. See docs/kubeflow.md.
+ifneq ($(filter images,$(MAKECMDGOALS)),)
+ifeq ($(strip $(REGISTRY)),)
+$(error REGISTRY is not set: make images REGISTRY=registry.example.com/meddiff)
+endif
+endif
+images: $(STAMP)
+	$(BIN)/python docker/build_images.py --registry "$(REGISTRY)" $(IMAGES_FLAGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -10,10 +10,13 @@ inputs into a :func:`meddiff.stages.run_stage` call. How they meet:
 
 * parameters travel as one string, ``params_json`` (the validated :class:`meddiff.config.Params` as
   JSON), re-validated in the component with :func:`meddiff.config.params_from_dict`;
+* ``data_version`` (the DVC data version, a git rev) is exported as ``$MEDDIFF_DATA_VERSION`` before the
+  stage runs and returned with the result, so every task records which data it ran on;
 * data travels as KFP artifacts: each ``Output[...]`` artifact's ``path`` is handed to the stage as a
   *directory* (the stage creates it) and each ``Input[...]`` artifact's ``path`` is read as one. The
   artifact names are the stage's path arguments without ``_dir`` (``raw`` → ``raw_dir``);
-* each component returns the stage result (counts, metrics, paths) as a dict, its ``Output`` parameter.
+* each component returns the stage result (counts, metrics, paths) plus ``data_version`` as a dict, its
+  ``Output`` parameter.
 
 The functions are plain functions; :func:`build_components` turns them into components for a given
 image, so the image is chosen when the pipeline is compiled, not when this module is imported.
@@ -62,16 +65,19 @@ def default_gpu_image(image: str | None = None) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def cohort(params_json: str, raw: Output[Dataset]) -> dict:
+def cohort(params_json: str, raw: Output[Dataset], data_version: str = "") -> dict:
     """Write the built-in synthetic cohort (DICOM, NIfTI masks, FHIR R4, notes) into ``raw``."""
     import json
+    import os
 
     from meddiff.config import params_from_dict
     from meddiff.stages import result_to_dict, run_stage
 
+    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
+        os.environ["MEDDIFF_DATA_VERSION"] = data_version
     params = params_from_dict(json.loads(params_json), source="params_json")
     result = run_stage("cohort", params, raw_dir=raw.path)
-    return json.loads(json.dumps(result_to_dict(result), default=str))
+    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
 
 
 def ingest(
@@ -80,14 +86,18 @@ def ingest(
     interim: Output[Dataset],
     quarantine: Output[Dataset],
     report: Output[Artifact],
+    data_version: str = "",
 ) -> dict:
     """Read, de-identify and validate ``raw``; accepted records go to ``interim``, rejected ones to
     ``quarantine``; ``report`` holds ``validation.json``."""
     import json
+    import os
 
     from meddiff.config import params_from_dict
     from meddiff.stages import result_to_dict, run_stage
 
+    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
+        os.environ["MEDDIFF_DATA_VERSION"] = data_version
     params = params_from_dict(json.loads(params_json), source="params_json")
     result = run_stage(
         "ingest",
@@ -97,7 +107,7 @@ def ingest(
         quarantine_dir=quarantine.path,
         report_dir=report.path,
     )
-    return json.loads(json.dumps(result_to_dict(result), default=str))
+    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
 
 
 def preprocess(
@@ -105,35 +115,42 @@ def preprocess(
     interim: Input[Dataset],
     processed: Output[Dataset],
     report: Output[Artifact],
+    data_version: str = "",
 ) -> dict:
     """MONAI transforms, note tokenizer, tabular scaling and stratified splits into ``processed``;
     ``report`` holds the data card."""
     import json
+    import os
 
     from meddiff.config import params_from_dict
     from meddiff.stages import result_to_dict, run_stage
 
+    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
+        os.environ["MEDDIFF_DATA_VERSION"] = data_version
     params = params_from_dict(json.loads(params_json), source="params_json")
     result = run_stage(
         "preprocess", params, interim_dir=interim.path, processed_dir=processed.path, report_dir=report.path
     )
-    return json.loads(json.dumps(result_to_dict(result), default=str))
+    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
 
 
-def train(params_json: str, processed: Input[Dataset], model: Output[Model]) -> dict:
+def train(params_json: str, processed: Input[Dataset], model: Output[Model], data_version: str = "") -> dict:
     """Train the multimodal diffusion model into ``model`` (checkpoint + ``run.json``).
 
     The stage logs to MLflow at ``$MLFLOW_TRACKING_URI`` when the pod has it (set by the pipeline at
-    compile time or from the ``meddiff-credentials`` Secret), else at ``tracking.tracking_uri``.
+    compile time or from the ``pipeline.credentials_secret`` Secret), else at ``tracking.tracking_uri``.
     """
     import json
+    import os
 
     from meddiff.config import params_from_dict
     from meddiff.stages import result_to_dict, run_stage
 
+    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
+        os.environ["MEDDIFF_DATA_VERSION"] = data_version
     params = params_from_dict(json.loads(params_json), source="params_json")
     result = run_stage("train", params, processed_dir=processed.path, model_dir=model.path)
-    return json.loads(json.dumps(result_to_dict(result), default=str))
+    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
 
 
 def evaluate(
@@ -142,17 +159,21 @@ def evaluate(
     model: Input[Model],
     report: Output[Artifact],
     metrics: Output[Metrics],
+    data_version: str = "",
 ) -> dict:
     """Evaluate on the test split and under modality masking; ``report`` holds ``metrics.json``,
     ``robustness.csv`` and plots. Every finite numeric leaf of ``metrics.json`` is also logged to
     ``metrics`` under its dotted key (``test.auc_macro``), so the KFP UI shows it."""
     import json
     import math
+    import os
     from pathlib import Path
 
     from meddiff.config import params_from_dict
     from meddiff.stages import result_to_dict, run_stage
 
+    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
+        os.environ["MEDDIFF_DATA_VERSION"] = data_version
     params = params_from_dict(json.loads(params_json), source="params_json")
     result = run_stage("evaluate", params, processed_dir=processed.path, model_dir=model.path, report_dir=report.path)
 
@@ -176,7 +197,7 @@ def evaluate(
 
     for key, value in numeric_leaves(json.loads(metrics_file.read_text()), ""):
         metrics.log_metric(key, value)
-    return json.loads(json.dumps(result_to_dict(result), default=str))
+    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
 
 
 def generate(
@@ -185,14 +206,18 @@ def generate(
     model: Input[Model],
     synthetic: Output[Dataset],
     report: Output[Artifact],
+    data_version: str = "",
 ) -> dict:
     """Sample class-conditional synthetic patients into ``synthetic`` (DICOM, FHIR, notes);
     ``report`` holds their quality and privacy metrics."""
     import json
+    import os
 
     from meddiff.config import params_from_dict
     from meddiff.stages import result_to_dict, run_stage
 
+    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
+        os.environ["MEDDIFF_DATA_VERSION"] = data_version
     params = params_from_dict(json.loads(params_json), source="params_json")
     result = run_stage(
         "generate",
@@ -202,7 +227,7 @@ def generate(
         synthetic_dir=synthetic.path,
         report_dir=report.path,
     )
-    return json.loads(json.dumps(result_to_dict(result), default=str))
+    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
 
 
 def explain(
@@ -210,16 +235,20 @@ def explain(
     processed: Input[Dataset],
     model: Input[Model],
     report: Output[Artifact],
+    data_version: str = "",
 ) -> dict:
     """Attention attributions, Dice against lesion masks and the HTML report, into ``report``."""
     import json
+    import os
 
     from meddiff.config import params_from_dict
     from meddiff.stages import result_to_dict, run_stage
 
+    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
+        os.environ["MEDDIFF_DATA_VERSION"] = data_version
     params = params_from_dict(json.loads(params_json), source="params_json")
     result = run_stage("explain", params, processed_dir=processed.path, model_dir=model.path, report_dir=report.path)
-    return json.loads(json.dumps(result_to_dict(result), default=str))
+    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
 
 
 #: Component function per stage, in pipeline order (the keys are :data:`meddiff.stages.STAGES`).

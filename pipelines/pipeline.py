@@ -6,17 +6,22 @@
                                           ├→ generate
                                           └→ explain
 
-One pipeline parameter, ``params_json``, carries every hyperparameter: its default is the validated
+Two pipeline parameters. ``params_json`` carries every hyperparameter: its default is the validated
 params (``params.yaml`` plus any ``--set`` overrides) as JSON, so a run started without arguments uses
-exactly the params the pipeline was compiled from, and a run can override the whole object. Data
-moves only through KFP artifacts (see :mod:`meddiff_components.stages`); ``params.paths`` is not used
-on the cluster.
+exactly the params the pipeline was compiled from, and a run can override the whole object.
+``data_version`` is the DVC data version (a git rev; default: the commit the pipeline is compiled at);
+every component exports it as ``$MEDDIFF_DATA_VERSION`` and returns it with its result, so a run is
+reproducible from a commit plus params. Data moves only through KFP artifacts (see
+:mod:`meddiff_components.stages`); ``params.paths`` is not used on the cluster.
 
-Platform settings (not hyperparameters, so not in ``params.yaml``): the training task requests one
-``nvidia.com/gpu`` and tolerates the GPU pool's ``nvidia.com/gpu:NoSchedule`` taint; the I/O stages
-retry with exponential backoff; every task may read credentials from the optional
-``meddiff-credentials`` Secret (see ``infra/README.md``) and inherits ``MLFLOW_TRACKING_URI`` from the
-environment the pipeline is compiled in.
+Platform settings (``params.yaml`` ``pipeline``, plus the constants below): the training task requests
+one ``nvidia.com/gpu``, tolerates the GPU pool's ``nvidia.com/gpu:NoSchedule`` taint and must land on
+nodes matching ``pipeline.gpu_node_selector``; every task has a pod deadline from
+``pipeline.timeouts``; the I/O stages retry with exponential backoff; the deterministic stages are
+cached, training only when ``pipeline.cache_training``; every task may read credentials from the
+optional Secret ``pipeline.credentials_secret`` (see ``infra/README.md``) and takes
+``MLFLOW_TRACKING_URI`` from the environment the pipeline is compiled in, else from the optional
+ConfigMap ``pipeline.config_map``.
 
 No ``from __future__ import annotations``: KFP reads the pipeline function's annotations at
 decoration time.
@@ -32,8 +37,9 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 from meddiff_components.stages import build_components
 
-from meddiff.config import Params
+from meddiff.config import Params, PipelineConfig
 from meddiff.io import atomic_file
+from meddiff.tracking import git_commit
 
 PIPELINE_NAME = "meddiff"
 PIPELINE_DESCRIPTION = (
@@ -41,9 +47,9 @@ PIPELINE_DESCRIPTION = (
     "cohort → ingest → preprocess → train → evaluate | generate | explain."
 )
 
-#: Kubernetes Secret whose keys become environment variables of every task (optional: a missing
-#: Secret or key leaves the variable unset). Template: infra/README.md.
-CREDENTIALS_SECRET = "meddiff-credentials"
+#: Default Kubernetes Secret (``pipeline.credentials_secret``) whose keys become environment variables of
+#: every task (optional: a missing Secret or key leaves the variable unset). Template: infra/README.md.
+CREDENTIALS_SECRET = PipelineConfig().credentials_secret
 CREDENTIAL_KEYS: tuple[str, ...] = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -53,6 +59,9 @@ CREDENTIAL_KEYS: tuple[str, ...] = (
 )
 #: Environment variables copied from the compiling environment into every task when set there.
 PASSTHROUGH_ENV: tuple[str, ...] = ("MLFLOW_TRACKING_URI",)
+#: Keys of the ConfigMap ``pipeline.config_map`` (optional) mapped to environment variables of every task
+#: when the compiling environment does not set them (infra/base/config/configmap.yaml).
+CONFIG_MAP_KEYS: tuple[str, ...] = ("MLFLOW_TRACKING_URI",)
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -94,14 +103,19 @@ class Retry:
 #: failure at GPU cost.
 RETRIES: dict[str, Retry] = {"cohort": Retry(), "ingest": Retry()}
 
+#: Stages cached only when ``pipeline.cache_training`` is true: a retraining run must train again even
+#: when its inputs did not change. Every other stage is deterministic given its inputs and is cached.
+UNCACHED_UNLESS_ASKED: frozenset[str] = frozenset({"train"})
+
 
 def params_to_json(params: Params) -> str:
     """The validated params as the JSON string the components receive (``params_json``)."""
     return json.dumps(params.to_dict())
 
 
-def _configure(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
-    """Resources, GPU, toleration, retries, credentials and environment for one stage's task."""
+def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineConfig) -> dsl.PipelineTask:
+    """Resources, GPU, toleration, node selector, timeout, retries, caching, credentials and environment
+    for one stage's task."""
     resources = RESOURCES[stage]
     task.set_cpu_request(resources.cpu_request)
     task.set_memory_request(resources.memory_request)
@@ -110,6 +124,12 @@ def _configure(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
         task.set_accelerator_type(GPU_RESOURCE)
         task.set_accelerator_limit(resources.gpus)
         kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+        for label, value in settings.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, label_key=label, label_value=value)
+    if stage in settings.timeouts:
+        # KFP v2 has no task timeout of its own; kfp-kubernetes sets the pod's activeDeadlineSeconds.
+        kubernetes.set_timeout(task, settings.timeouts[stage])
+    task.set_caching_options(enable_caching=settings.cache_training if stage in UNCACHED_UNLESS_ASKED else True)
     if stage in RETRIES:
         retry = RETRIES[stage]
         task.set_retry(
@@ -118,49 +138,66 @@ def _configure(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
             backoff_factor=retry.backoff_factor,
             backoff_max_duration=retry.backoff_max_duration,
         )
-    kubernetes.use_secret_as_env(task, CREDENTIALS_SECRET, {key: key for key in CREDENTIAL_KEYS}, optional=True)
+    kubernetes.use_secret_as_env(
+        task, settings.credentials_secret, {key: key for key in CREDENTIAL_KEYS}, optional=True
+    )
+    from_config_map = {}
     for name in PASSTHROUGH_ENV:
         if os.environ.get(name):
             task.set_env_variable(name, os.environ[name])
+        elif name in CONFIG_MAP_KEYS:
+            from_config_map[name] = name  # one source per variable: a duplicate env name hides the first
+    if settings.config_map and from_config_map:
+        kubernetes.use_config_map_as_env(task, settings.config_map, from_config_map, optional=True)
     return task
 
 
-def build_pipeline(params: Params, image: str | None = None, gpu_image: str | None = None) -> Callable[..., None]:
+def build_pipeline(
+    params: Params, image: str | None = None, gpu_image: str | None = None, data_version: str | None = None
+) -> Callable[..., None]:
     """The ``meddiff`` pipeline for ``params``.
 
     Args:
-        params: validated params; their JSON is the default of the ``params_json`` pipeline parameter.
+        params: validated params; their JSON is the default of the ``params_json`` pipeline parameter,
+            and their ``pipeline`` section sets the platform settings of the tasks.
         image: image of every stage; default ``$MEDDIFF_IMAGE`` or the versioned project image.
         gpu_image: image of the GPU stage (train); default ``$MEDDIFF_GPU_IMAGE``, else ``image`` when
             given explicitly, else the versioned ``-cuda`` project image.
+        data_version: default of the ``data_version`` pipeline parameter (the DVC data version, a git
+            rev); default: the current git commit (:func:`meddiff.tracking.git_commit`).
 
     Returns:
         The ``@dsl.pipeline`` function (a KFP graph component) named ``meddiff``.
     """
     components = build_components(image, gpu_image)
     default_params_json = params_to_json(params)
+    default_data_version = data_version or git_commit()
+    settings = params.pipeline
+
+    def stage(name: str, **inputs: object) -> dsl.PipelineTask:
+        return _configure(components[name](**inputs), name, settings)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
-    def meddiff(params_json: str = default_params_json) -> None:
-        cohort = _configure(components["cohort"](params_json=params_json), "cohort")
-        ingest = _configure(components["ingest"](params_json=params_json, raw=cohort.outputs["raw"]), "ingest")
-        preprocess = _configure(
-            components["preprocess"](params_json=params_json, interim=ingest.outputs["interim"]),
-            "preprocess",
-        )
-        train = _configure(
-            components["train"](params_json=params_json, processed=preprocess.outputs["processed"]),
-            "train",
-        )
+    def meddiff(params_json: str = default_params_json, data_version: str = default_data_version) -> None:
+        common = {"params_json": params_json, "data_version": data_version}
+        cohort = stage("cohort", **common)
+        ingest = stage("ingest", **common, raw=cohort.outputs["raw"])
+        preprocess = stage("preprocess", **common, interim=ingest.outputs["interim"])
+        train = stage("train", **common, processed=preprocess.outputs["processed"])
         processed, model = preprocess.outputs["processed"], train.outputs["model"]
-        _configure(components["evaluate"](params_json=params_json, processed=processed, model=model), "evaluate")
-        _configure(components["generate"](params_json=params_json, processed=processed, model=model), "generate")
-        _configure(components["explain"](params_json=params_json, processed=processed, model=model), "explain")
+        for name in ("evaluate", "generate", "explain"):
+            stage(name, **common, processed=processed, model=model)
 
     return meddiff
 
 
-def compile_pipeline(params: Params, output: Path, image: str | None = None, gpu_image: str | None = None) -> Path:
+def compile_pipeline(
+    params: Params,
+    output: Path,
+    image: str | None = None,
+    gpu_image: str | None = None,
+    data_version: str | None = None,
+) -> Path:
     """Compile the pipeline for ``params`` to the IR YAML file ``output``, written atomically.
 
     The compiler writes into a private temporary folder first; the result then replaces ``output`` in
@@ -169,17 +206,10 @@ def compile_pipeline(params: Params, output: Path, image: str | None = None, gpu
     output = Path(output)
     if output.suffix not in {".yaml", ".yml"}:
         raise ValueError(f"{output}: the pipeline is written as KFP IR YAML; use a .yaml or .yml name")
-    pipeline = build_pipeline(params, image=image, gpu_image=gpu_image)
+    pipeline = build_pipeline(params, image=image, gpu_image=gpu_image, data_version=data_version)
     with tempfile.TemporaryDirectory(prefix="meddiff-pipeline-") as staging:
         compiled = Path(staging) / "pipeline.yaml"
         compiler.Compiler().compile(pipeline_func=pipeline, package_path=str(compiled))
         with atomic_file(output) as handle:
             handle.write(compiled.read_text())
-    output.chmod(0o666 & ~_current_umask())  # atomic_file's temporary is 0600; give the usual mode
     return output
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -89,6 +89,7 @@ TINY_OVERRIDES = [
     "train.diffusion.num_train_timesteps=50",
     "evaluate.n_repeats=1",
     "generate.n_per_class=3",
+    "train.diffusion.refine_epochs=3",
     "generate.num_inference_steps=5",
     "explain.n_patients=2",
 ]

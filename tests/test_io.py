@@ -22,3 +22,15 @@ def test_atomic_file_leaves_old_content_on_failure(tmp_path: Path) -> None:
         handle.write("{broken")
         raise ValueError("boom")
     assert target.read_text().strip().startswith("{\n")
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    target = write_json(tmp_path / "m.json", {"a": 1})
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    with atomic_dir(tmp_path / "d") as staging:
+        (staging / "x").write_text("x")
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -46,15 +46,50 @@ def build_parser() -> argparse.ArgumentParser:
             default_text = f"params paths.{attribute}" + (f" / {sub}" if sub else "")
             stage_parser.add_argument(flag, dest=argument, default=None, help=f"default: {default_text}")
 
-    pipeline = commands.add_parser("pipeline", help="Kubeflow Pipelines: compile the pipeline")
-    pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", metavar="ACTION", required=True)
-    compile_parser = pipeline_commands.add_parser("compile", help="compile the KFP v2 pipeline to YAML")
-    _add_common(compile_parser)
-    compile_parser.add_argument("--output", required=True, help="pipeline YAML to write")
-    compile_parser.add_argument(
-        "--image", default=None, help="stage image (default: MEDDIFF_IMAGE or the versioned project image)"
-    )
+    _add_pipeline(commands)
     return parser
+
+
+def _add_pipeline(commands: argparse._SubParsersAction) -> None:
+    """``meddiff pipeline compile | submit | schedule | run`` (logic: meddiff_pipelines, meddiff.kfp_client)."""
+    pipeline = commands.add_parser(
+        "pipeline", help="Kubeflow Pipelines: compile, submit, schedule or run locally",
+        description="Kubeflow Pipelines (KFP v2). Parameters come from --params plus --set overrides; "
+        "see docs/kubeflow.md.",
+    )
+    actions = pipeline.add_subparsers(dest="pipeline_command", metavar="ACTION", required=True)
+    compile_parser = actions.add_parser("compile", help="compile the KFP v2 pipeline to YAML")
+    compile_parser.add_argument("--output", required=True, help="pipeline YAML to write")
+    submit = actions.add_parser("submit", help="upload a pipeline version named after the git commit and start a run")
+    submit.add_argument("--run-name", default=None, help="default: meddiff-<commit>-<UTC time>")
+    schedule = actions.add_parser(
+        "schedule", help="create a recurring run (6-field cron, one at a time, no catch-up) for retraining"
+    )
+    schedule.add_argument(
+        "--cron", default=None, help="6-field cron 's m h dom mon dow' (default: pipeline.schedule_cron)"
+    )
+    schedule.add_argument("--name", default="meddiff-retraining", help="recurring run name (default: %(default)s)")
+    schedule.add_argument("--replace", action="store_true", help="delete a recurring run of the same name first")
+    run = actions.add_parser("run", help="run the whole pipeline on this machine with kfp.local")
+    run.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                     help="subprocess: this interpreter; docker: the stage images (default: %(default)s)")
+    run.add_argument("--pipeline-root", default="local_outputs", help="where outputs go (default: %(default)s)")
+    run.add_argument("--docker-timeout", type=float, default=5.0, help="seconds the Docker engine has to answer")
+    for action in (compile_parser, submit, schedule, run):
+        _add_common(action)
+        action.add_argument(
+            "--image", default=None, help="stage image (default: MEDDIFF_IMAGE or the versioned project image)"
+        )
+        action.add_argument(
+            "--gpu-image", default=None, help="train image (default: MEDDIFF_GPU_IMAGE, else --image, else -cuda tag)"
+        )
+        action.add_argument(
+            "--data-version", default=None, help="DVC data version (a git rev) recorded by every task (default: HEAD)"
+        )
+    for action in (submit, schedule):
+        action.add_argument("--host", default=None, help="KFP API endpoint (default: $KFP_HOST); token: $KFP_TOKEN")
+        action.add_argument("--namespace", default=None, help="multi-user KFP namespace (default: pipeline.namespace)")
+        action.add_argument("--experiment", default=None, help="KFP experiment (default: pipeline.experiment)")
 
 
 def _load(args: argparse.Namespace):  # -> Params; the import stays out of module start-up
@@ -77,11 +112,35 @@ def _run_stage(args: argparse.Namespace) -> int:
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
-    from meddiff_pipelines.pipeline import compile_pipeline
-
     params = _load(args)
-    output = compile_pipeline(params, Path(args.output), image=args.image)
-    print(f"wrote {output}")
+    images = {"image": args.image, "gpu_image": args.gpu_image, "data_version": args.data_version}
+    if args.pipeline_command == "compile":
+        from meddiff_pipelines.pipeline import compile_pipeline
+
+        output = compile_pipeline(params, Path(args.output), **images)
+        print(f"wrote {output}")
+        return 0
+
+    from meddiff import kfp_client
+
+    try:
+        if args.pipeline_command == "run":
+            result = kfp_client.run_local(
+                params, runner=args.runner, pipeline_root=args.pipeline_root,
+                docker_timeout=args.docker_timeout, **images,
+            )
+        else:
+            endpoint = {"host": args.host, "namespace": args.namespace, "experiment": args.experiment}
+            if args.pipeline_command == "submit":
+                result = kfp_client.submit(params, **endpoint, run_name=args.run_name, **images)
+            else:
+                result = kfp_client.schedule(
+                    params, **endpoint, name=args.name, cron=args.cron, replace=args.replace, **images
+                )
+    except (kfp_client.KfpError, kfp_client.DockerUnavailableError, ValueError) as error:
+        print(f"meddiff pipeline {args.pipeline_command}: error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_dict(), indent=2))
     return 0
 
 

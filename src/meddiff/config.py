@@ -125,6 +125,29 @@ class IngestConfig(_Section):
     reference_date: str = "2024-06-30"
     #: warnings logged one by one up to this many quarantined records, then summarised
     max_logged_warnings: Annotated[int, Field(ge=0)] = 25
+    #: worker processes for DICOM header reading and series assembly; 0 = one per core (at most 8)
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    #: environment variable holding the secret key of the keyed hash (HMAC-SHA256) that pseudonymises
+    #: patient ids, replaces UIDs and picks each patient's date shift. The key is never in code or params.
+    deid_key_env: str = "MEDDIFF_DEID_KEY"
+    #: when the key variable is unset, derive a key from ``raw_dir/cohort.json`` -- only for a raw drop
+    #: written by ``meddiff cohort`` (synthetic data); any other drop still fails without a key
+    allow_ephemeral_key_for_synthetic: bool = False
+    #: dates kept in de-identified DICOM headers are shifted back by 1..max days (per patient, keyed)
+    deid_max_date_shift_days: Annotated[int, Field(ge=1)] = 365
+    #: ages above this are reported as this value (HIPAA Safe Harbor aggregates ages over 89)
+    deid_max_age: Annotated[int, Field(ge=1)] = 90
+    #: BraTS layout ``imaging/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``: the channel used as the image
+    brats_channel: Literal["t1", "t1ce", "t2", "flair"] = "flair"
+    #: MIMIC-IV style CSV (``ehr/labevents.csv``): itemid -> canonical lab (hosp module ``d_labitems``)
+    mimic_lab_itemids: dict[str, list[int]] = {
+        "wbc": [51301, 51300],  # White Blood Cells / WBC Count (Hematology, Blood), K/uL
+        "crp": [50889],         # C-Reactive Protein (Chemistry, Blood), mg/L
+        "glucose": [50931],     # Glucose (Chemistry, Blood), mg/dL
+        "inr": [51237],         # INR(PT) (Hematology, Blood), no unit
+    }
+    #: acquisition site recorded for patients read from ``ehr/patients.csv`` (MIMIC has no site column)
+    mimic_site: str = "mimic_iv"
 
     @field_validator("lab_ranges")
     @classmethod
@@ -155,6 +178,12 @@ class IngestConfig(_Section):
         codes = [code for group in self.lab_loinc.values() for code in group]
         if len(codes) != len(set(codes)):
             raise ValueError("a LOINC code is mapped to more than one lab in lab_loinc")
+        unknown = sorted(set(self.mimic_lab_itemids) - names)
+        if unknown:
+            raise ValueError(f"mimic_lab_itemids maps to {unknown}, not labs of lab_loinc {sorted(names)}")
+        itemids = [item for group in self.mimic_lab_itemids.values() for item in group]
+        if len(itemids) != len(set(itemids)):
+            raise ValueError("an itemid is mapped to more than one lab in mimic_lab_itemids")
         return self
 
 
@@ -168,6 +197,11 @@ class PreprocessConfig(_Section):
     vocab_size: Annotated[int, Field(ge=8)] = 600
     val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.15
     test_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.20
+    #: MONAI PersistentDataset cache of transformed images, keyed by file content and transform
+    #: params (later runs skip the transforms); null = no cache
+    cache_dir: Path | None = Path("data/cache/monai")
+    #: a ``tokenizers`` tokenizer.json to use instead of fitting one on the training notes; null = fit
+    pretrained_tokenizer: Path | None = None
 
     @field_validator("hu_window")
     @classmethod
@@ -193,6 +227,7 @@ class ModelConfig(_Section):
     dropout: Fraction = 0.1
     ontology_attention: bool = True
     ontology_prior_init: float = 1.0
+    fusion: Literal["cross_attention", "concat"] = "cross_attention"
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> ModelConfig:
@@ -209,10 +244,13 @@ class DiffusionConfig(_Section):
     schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta"] = "linear_beta"
     beta_start: PositiveFloat = 1e-4
     beta_end: PositiveFloat = 0.02
-    unet_channels: list[PositiveInt] = [32, 64]
+    unet_channels: list[PositiveInt] = [16, 32]
     class_dropout_p: Fraction = 0.1
     impute_missing_latents: bool = True
     imputation_steps: PositiveInt = 20
+    refine_epochs: Annotated[int, Field(ge=0)] = 25
+    refine_learning_rate: PositiveFloat = 1e-3
+    refine_batch_size: PositiveInt = 64
 
 
 class TrainConfig(_Section):
@@ -221,7 +259,9 @@ class TrainConfig(_Section):
     learning_rate: PositiveFloat = 2e-3
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
     grad_clip_norm: PositiveFloat = 1.0
+    modalities: list[Literal["image", "text", "tabular"]] = ["image", "text", "tabular"]
     modality_dropout_p: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    lambda_diff: Annotated[float, Field(ge=0.0)] = 1.0
     lambda_cls: Annotated[float, Field(ge=0.0)] = 1.0
     lambda_recon: Annotated[float, Field(ge=0.0)] = 0.5
     class_weighting: bool = True
@@ -249,8 +289,10 @@ class GenerateConfig(_Section):
 
 
 class ExplainConfig(_Section):
-    n_patients: PositiveInt = 8
-    attribution_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.90
+    n_patients: PositiveInt = 40
+    method: Literal["attention", "grad_attention"] = "grad_attention"
+    attribution_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    n_figures: Annotated[int, Field(ge=0)] = 8
 
 
 class TrackingConfig(_Section):
@@ -258,6 +300,61 @@ class TrackingConfig(_Section):
     artifact_location: str = "mlartifacts"
     experiment: str = "meddiff"
     registered_model: str = "meddiff-diagnosis"
+
+
+#: The pipeline's stages in order (:data:`meddiff.stages.STAGES` has the same keys; a test checks it).
+PIPELINE_STAGES: tuple[str, ...] = ("cohort", "ingest", "preprocess", "train", "evaluate", "generate", "explain")
+
+
+class PipelineConfig(_Section):
+    """Kubeflow Pipelines settings (``meddiff pipeline compile | submit | schedule | run``), see
+    ``docs/kubeflow.md``. Platform settings, not hyperparameters: they never reach a stage."""
+
+    #: KFP experiment runs and recurring runs are filed under (created if missing)
+    experiment: str = "meddiff"
+    #: multi-user KFP: the profile namespace; "" for a standalone (single-user) install
+    namespace: str = ""
+    #: Kubernetes service account the runs use (infra/runner); "" = the KFP default (pipeline-runner)
+    service_account: str = "meddiff-pipeline-runner"
+    #: Secret whose keys (S3 and MLflow credentials) become environment variables of every task
+    credentials_secret: str = "meddiff-credentials"
+    #: ConfigMap (endpoints, no credentials) whose MLFLOW_TRACKING_URI every task reads; "" = none
+    config_map: str = "meddiff-config"
+    #: node labels the training pod must match (the GPU pool)
+    gpu_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
+    #: KFP caching for the train task (the other stages are deterministic and always cached)
+    cache_training: bool = False
+    #: pod deadline per task in seconds (Kubernetes activeDeadlineSeconds)
+    timeouts: dict[str, PositiveInt] = {
+        "cohort": 1800,
+        "ingest": 3600,
+        "preprocess": 3600,
+        "train": 21600,
+        "evaluate": 3600,
+        "generate": 3600,
+        "explain": 3600,
+    }
+    #: 6-field cron (seconds minutes hours day-of-month month day-of-week) of `pipeline schedule`
+    schedule_cron: str = "0 0 3 * * 1"
+
+    @field_validator("timeouts")
+    @classmethod
+    def _timeouts_name_stages(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - set(PIPELINE_STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {list(PIPELINE_STAGES)}")
+        return value
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _six_field_cron(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 6:
+            raise ValueError(
+                f"must be a 6-field cron (seconds minutes hours day-of-month month day-of-week, "
+                f"e.g. '0 0 3 * * 1'), got {len(fields)} field(s): {value!r}"
+            )
+        return value
 
 
 class Params(_Section):
@@ -273,6 +370,7 @@ class Params(_Section):
     generate: GenerateConfig = GenerateConfig()
     explain: ExplainConfig = ExplainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -70,8 +70,9 @@ def run_tags(params: Params, data_file: Path | None) -> dict[str, str]:
     tags = {"meddiff.git_commit": git_commit(), "meddiff.params_hash": params.digest()}
     if data_file is not None and data_file.is_file():
         tags["meddiff.data_md5"] = file_digest(data_file)
-    if os.environ.get("MEDDIFF_PIPELINE_RUN"):
-        tags["meddiff.pipeline_run"] = os.environ["MEDDIFF_PIPELINE_RUN"]
+    for variable, tag in (("MEDDIFF_PIPELINE_RUN", "meddiff.pipeline_run"), ("MEDDIFF_DATA_VERSION", "meddiff.data_version")):
+        if os.environ.get(variable):
+            tags[tag] = os.environ[variable]
     return tags
 
 

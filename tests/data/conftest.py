@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,9 @@ def tiny_params_dict() -> dict:
             "corrupt_fraction": 0.05,
             "num_workers": 2,
         },
+        "ingest": {"allow_ephemeral_key_for_synthetic": True},
         "preprocess": {
+            "cache_dir": None,
             "spatial_size": [16, 16, 16],
             "pixdim_mm": [12.0, 12.0, 12.0],
             "max_note_tokens": 32,
@@ -42,6 +45,23 @@ class Pipeline:
     ingest_report: Path
     processed: Path
     preprocess_report: Path
+
+
+def pseudonyms(params: Params, raw: Path) -> dict[str, str]:
+    """Raw patient id -> the pseudonym ingest gives it (same key resolution as ingest)."""
+    import json
+
+    from meddiff.data.deid import Pseudonymizer, resolve_key
+
+    key, _ = resolve_key(params.ingest.deid_key_env, params.ingest.allow_ephemeral_key_for_synthetic, raw)
+    pseudo = Pseudonymizer(key, params.ingest.deid_max_date_shift_days)
+    ids = [json.loads(line)["id"] for line in (raw / "ehr" / "Patient.ndjson").read_text().splitlines()]
+    return {pid: pseudo.pseudonym(pid) for pid in ids}
+
+
+@pytest.fixture(scope="session")
+def pseudonym_of(tiny_params: Params, raw_cohort: Path) -> dict[str, str]:
+    return pseudonyms(tiny_params, raw_cohort)
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +83,7 @@ def pipeline(tiny_params: Params, raw_cohort: Path, tmp_path_factory: pytest.Tem
     from meddiff.data.ingest import run_ingest
     from meddiff.data.preprocess import run_preprocess
 
+    os.environ.pop(tiny_params.ingest.deid_key_env, None)  # the ephemeral (synthetic) key: reproducible
     root = tmp_path_factory.mktemp("pipeline")
     paths = Pipeline(tiny_params, raw_cohort, root / "interim", root / "quarantine", root / "reports" / "ingest",
                      root / "processed", root / "reports" / "preprocess")

@@ -139,8 +139,25 @@ def test_fhir_resources_are_coded(raw_cohort: Path) -> None:
     assert {"mg/dL", "[degF]"} & units, "some labs are reported in an alternative unit"
     conditions = [json.loads(line) for line in (raw_cohort / "ehr" / "Condition.ndjson").read_text().splitlines()]
     assert {c["code"]["coding"][0]["system"] for c in conditions} == {"http://hl7.org/fhir/sid/icd-10"}
-    patients = (raw_cohort / "ehr" / "Patient.ndjson").read_text()
-    assert '"name"' not in patients
+    patients = [json.loads(line) for line in (raw_cohort / "ehr" / "Patient.ndjson").read_text().splitlines()]
+    for patient in patients:  # invented PHI, so that de-identification is testable
+        assert patient["name"][0]["family"] and patient["name"][0]["given"]
+        assert patient["address"][0]["line"] and patient["address"][0]["postalCode"]
+        assert patient["birthDate"]
+
+
+def test_raw_data_carries_fake_phi_in_notes_and_dicom(raw_cohort: Path) -> None:
+    patient = json.loads((raw_cohort / "ehr" / "Patient.ndjson").read_text().splitlines()[0])
+    name = patient["name"][0]
+    note = (raw_cohort / "notes" / f"{patient['id']}.txt")
+    if note.exists():
+        text = note.read_text(encoding="utf-8", errors="replace")
+        assert f"{name['given'][0]} {name['family']}" in text and patient["id"] in text
+    files = _dicom_files(raw_cohort, patient["id"])
+    if files:
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        assert str(ds.PatientName) == f"{name['family']}^{name['given'][0]}"
+        assert ds.PatientBirthDate == patient["birthDate"].replace("-", "") and ds.InstitutionName
 
 
 def test_notes_carry_abbreviations_and_some_are_missing(raw_cohort: Path, tiny_params: Params) -> None:

@@ -77,11 +77,14 @@ def test_non_dicom_file_is_reported(tmp_path: Path) -> None:
     assert getattr(problem, "reason", None) == "not_dicom"
 
 
-def test_ingested_volume_is_sorted_and_georeferenced(raw_cohort: Path, pipeline: Pipeline) -> None:
+def test_ingested_volume_is_sorted_and_georeferenced(
+    raw_cohort: Path, pipeline: Pipeline, pseudonym_of: dict[str, str]
+) -> None:
     """The minority site numbers instances top-down: ingest must still order slices bottom-up."""
     manifest = pd.read_parquet(pipeline.interim / "manifest.parquet")
     row = manifest[(manifest.site == MINORITY_SITE) & manifest.has_image].iloc[0]
-    files = sorted((raw_cohort / "imaging" / row.patient_id).rglob("*.dcm"))
+    raw_id = {v: k for k, v in pseudonym_of.items()}[row.patient_id]
+    files = sorted((raw_cohort / "imaging" / raw_id).rglob("*.dcm"))
     datasets = [pydicom.dcmread(f) for f in files]
     by_instance = sorted(datasets, key=lambda ds: int(ds.InstanceNumber))
     assert float(by_instance[0].ImagePositionPatient[2]) > float(by_instance[-1].ImagePositionPatient[2])

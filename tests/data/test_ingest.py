@@ -50,7 +50,7 @@ def test_every_injected_fault_is_quarantined_with_its_reason(pipeline: Pipeline)
                 assert (pipeline.quarantine / copy).is_file()
 
 
-def test_a_quarantined_patient_orphans_its_records(pipeline: Pipeline) -> None:
+def test_a_quarantined_patient_orphans_its_records(pipeline: Pipeline, pseudonym_of: dict[str, str]) -> None:
     ledger = json.loads((pipeline.raw / "cohort.json").read_text())
     pid = next(f["patient_id"] for f in ledger["faults"] if f["fault"] == "implausible_birth_date")
     records = [q for q in _quarantine(pipeline) if q["patient_id"] == pid]
@@ -58,10 +58,10 @@ def test_a_quarantined_patient_orphans_its_records(pipeline: Pipeline) -> None:
     assert kinds["patient"] == "out_of_range"
     assert kinds["condition"] == "orphan_record"
     manifest = pd.read_parquet(pipeline.interim / "manifest.parquet")
-    assert pid not in set(manifest.patient_id)
+    assert pseudonym_of[pid] not in set(manifest.patient_id)
 
 
-def test_manifest_keeps_the_accepted_modalities(pipeline: Pipeline) -> None:
+def test_manifest_keeps_the_accepted_modalities(pipeline: Pipeline, pseudonym_of: dict[str, str]) -> None:
     manifest = pd.read_parquet(pipeline.interim / "manifest.parquet")
     labs = list(pipeline.params.ingest.lab_units)
     assert list(manifest.columns) == ["patient_id", "site", "label", "age", "sex", *labs, "note", "image_path",
@@ -69,7 +69,7 @@ def test_manifest_keeps_the_accepted_modalities(pipeline: Pipeline) -> None:
     assert manifest.patient_id.is_unique
     assert set(manifest.label) <= set(pipeline.params.cohort.classes)
     ledger = json.loads((pipeline.raw / "cohort.json").read_text())
-    faults = {f["fault"]: f["patient_id"] for f in ledger["faults"]}
+    faults = {f["fault"]: pseudonym_of[f["patient_id"]] for f in ledger["faults"]}
     row = manifest.set_index("patient_id").loc[faults["truncated_dicom"]]
     assert not row.has_image and pd.isna(row.image_path) and pd.isna(row.mask_path)
     assert not manifest.set_index("patient_id").loc[faults["non_utf8_note"]].has_note

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -116,3 +117,53 @@ def test_split_fractions_are_validated(key: str) -> None:
 
     with pytest.raises(ParamsError, match=key):
         params_from_dict({"preprocess": {key: 0.6}})
+
+
+def test_second_run_hits_the_monai_cache(pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PersistentDataset keyed by file content: the second run loads every image, transforming none."""
+    from monai.transforms import Compose, Transform
+
+    import meddiff.data.preprocess as preprocess
+
+    calls = {"n": 0}
+    original = preprocess.image_transforms
+
+    class Count(Transform):  # a deterministic Transform: part of what PersistentDataset caches
+        def __call__(self, data: dict) -> dict:
+            calls["n"] += 1
+            return data
+
+    def counting(config, with_mask=True):  # same signature as image_transforms
+        return Compose([Count(), *original(config, with_mask=with_mask).transforms])
+
+    monkeypatch.setattr(preprocess, "image_transforms", counting)
+    cache = tmp_path / "cache"
+    config = pipeline.params.preprocess.model_copy(update={"cache_dir": cache})
+    params = pipeline.params.model_copy(update={"preprocess": config})
+    preprocess.run_preprocess(params, pipeline.interim, tmp_path / "p1", tmp_path / "r1")
+    n_images = int(pd.read_parquet(pipeline.interim / "manifest.parquet").has_image.sum())
+    assert calls["n"] == n_images and len(list(cache.glob("*.pt"))) == n_images
+    calls["n"] = 0
+    # the second run also takes the first run's tokenizer as a pretrained one
+    again = params.model_copy(update={"preprocess": config.model_copy(
+        update={"pretrained_tokenizer": tmp_path / "p1" / "tokenizer.json"})})
+    preprocess.run_preprocess(again, pipeline.interim, tmp_path / "p2", tmp_path / "r2")
+    assert calls["n"] == 0, "cache miss on an unchanged input"
+    first, second = load_processed(tmp_path / "p1"), load_processed(tmp_path / "p2")
+    np.testing.assert_array_equal(first.arrays["image"], second.arrays["image"])
+    np.testing.assert_array_equal(first.arrays["token_ids"], second.arrays["token_ids"])
+    reference = load_processed(pipeline.processed)  # the uncached run gives the same tensors
+    np.testing.assert_array_equal(first.arrays["image"], reference.arrays["image"])
+
+
+def test_a_pretrained_tokenizer_needs_the_special_tokens_first(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    from meddiff.data.tokenizer import load_pretrained_tokenizer
+
+    bad = Tokenizer(models.WordLevel({"hello": 0, "[PAD]": 1, "[UNK]": 2, "[CLS]": 3, "[SEP]": 4}, unk_token="[UNK]"))
+    bad.save(str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="special tokens must have ids"):
+        load_pretrained_tokenizer(tmp_path / "bad.json", 16)
+    with pytest.raises(FileNotFoundError):
+        load_pretrained_tokenizer(tmp_path / "missing.json", 16)

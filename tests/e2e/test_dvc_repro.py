@@ -30,6 +30,7 @@ TINY_PIPELINE = [
     "evaluate.n_repeats=1",
     "generate.n_per_class=2",
     "generate.num_inference_steps=5",
+    "train.diffusion.refine_epochs=5",
     "explain.n_patients=2",
 ]
 

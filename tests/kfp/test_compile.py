@@ -17,8 +17,9 @@ from meddiff_pipelines.pipeline import CREDENTIALS_SECRET, compile_pipeline
 
 import meddiff
 from meddiff.cli import main
-from meddiff.config import Params, apply_overrides, load_params
+from meddiff.config import PIPELINE_STAGES, Params, apply_overrides, load_params
 from meddiff.stages import STAGES
+from meddiff.tracking import git_commit
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS_FILE = REPO / "params.yaml"
@@ -101,7 +102,7 @@ def test_component_artifacts_match_stage_paths(compiled: tuple[dict[str, Any], d
         inputs = set(component.get("inputDefinitions", {}).get("artifacts", {}))
         outputs = set(component.get("outputDefinitions", {}).get("artifacts", {})) - {"metrics"}
         assert {f"{name}_dir" for name in inputs | outputs} == set(stage_spec.paths), stage
-        assert set(component["inputDefinitions"]["parameters"]) == {"params_json"}
+        assert set(component["inputDefinitions"]["parameters"]) == {"params_json", "data_version"}
 
 
 def test_evaluate_logs_metrics_and_returns_result(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
@@ -129,6 +130,92 @@ def test_train_tolerates_gpu_taint(compiled: tuple[dict[str, Any], dict[str, Any
     ]["tolerations"]
     for stage in set(STAGES) - {"train"}:
         assert "tolerations" not in kubernetes[executor_of(spec, stage)]
+
+
+def kubernetes_executors(spec: dict[str, Any], platform: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The Kubernetes platform config of every root task, keyed by task name."""
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return {task: executors.get(executor_of(spec, task), {}) for task in spec["root"]["dag"]["tasks"]}
+
+
+def test_pipeline_stages_constant_matches_the_registry() -> None:
+    assert list(PIPELINE_STAGES) == list(STAGES)
+
+
+def test_train_node_selector_from_params(compiled: tuple[dict[str, Any], dict[str, Any]], params: Params) -> None:
+    config = kubernetes_executors(*compiled)
+    assert config["train"]["nodeSelector"] == {"labels": params.pipeline.gpu_node_selector}
+    assert params.pipeline.gpu_node_selector  # the shipped params.yaml names the GPU pool
+    for stage in set(STAGES) - {"train"}:
+        assert "nodeSelector" not in config[stage]
+
+
+def test_node_selector_override(params: Params, tmp_path: Path) -> None:
+    selector = "pipeline.gpu_node_selector={cloud.google.com/gke-accelerator: nvidia-h100-80gb, pool: gpu}"
+    spec, platform = load_ir(compile_pipeline(apply_overrides(params, [selector]), tmp_path / "p.yaml"))
+    labels = kubernetes_executors(spec, platform)["train"]["nodeSelector"]["labels"]
+    assert labels == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb", "pool": "gpu"}
+
+
+def test_timeouts_per_task(compiled: tuple[dict[str, Any], dict[str, Any]], params: Params) -> None:
+    config = kubernetes_executors(*compiled)
+    for stage in STAGES:
+        assert int(config[stage]["activeDeadlineSeconds"]) == params.pipeline.timeouts[stage], stage
+
+
+def test_timeout_override_and_unknown_stage(params: Params, tmp_path: Path) -> None:
+    spec, platform = load_ir(
+        compile_pipeline(apply_overrides(params, ["pipeline.timeouts={train: 600}"]), tmp_path / "p.yaml")
+    )
+    config = kubernetes_executors(spec, platform)
+    assert int(config["train"]["activeDeadlineSeconds"]) == 600
+    assert "activeDeadlineSeconds" not in config["cohort"]  # a stage left out has no deadline
+    with pytest.raises(ValueError, match=r"pipeline\.timeouts.*trian"):
+        apply_overrides(params, ["pipeline.timeouts={trian: 600}"])
+
+
+def caching(spec: dict[str, Any]) -> dict[str, bool]:
+    # enableCache false is the proto default, so the compiler leaves it out
+    tasks = spec["root"]["dag"]["tasks"]
+    return {name: task["cachingOptions"].get("enableCache", False) for name, task in tasks.items()}
+
+
+def test_caching_on_for_deterministic_stages_off_for_training(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    assert caching(compiled[0]) == {stage: stage != "train" for stage in STAGES}
+
+
+def test_caching_training_when_asked(params: Params, tmp_path: Path) -> None:
+    spec, _ = load_ir(compile_pipeline(apply_overrides(params, ["pipeline.cache_training=true"]), tmp_path / "p.yaml"))
+    assert caching(spec) == dict.fromkeys(STAGES, True)
+
+
+def test_credentials_secret_name_from_params(params: Params, tmp_path: Path) -> None:
+    spec, platform = load_ir(
+        compile_pipeline(apply_overrides(params, ["pipeline.credentials_secret=team-a-creds"]), tmp_path / "p.yaml")
+    )
+    for stage, config in kubernetes_executors(spec, platform).items():
+        (secret,) = config["secretAsEnv"]
+        assert secret["secretName"] == "team-a-creds", stage
+        assert {m["envVar"] for m in secret["keyToEnv"]} >= {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+
+
+def test_data_version_parameter_defaults_to_the_commit(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, _ = compiled
+    parameter = spec["root"]["inputDefinitions"]["parameters"]["data_version"]
+    assert parameter["parameterType"] == "STRING"
+    assert parameter["defaultValue"] == git_commit()
+    for name, task in spec["root"]["dag"]["tasks"].items():
+        assert task["inputs"]["parameters"]["data_version"] == {"componentInputParameter": "data_version"}, name
+        assert task["inputs"]["parameters"]["params_json"] == {"componentInputParameter": "params_json"}, name
+
+
+def test_data_version_given(params: Params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, _ = load_ir(compile_pipeline(params, tmp_path / "p.yaml", data_version="v2024.06"))
+    assert spec["root"]["inputDefinitions"]["parameters"]["data_version"]["defaultValue"] == "v2024.06"
+    monkeypatch.setenv("MEDDIFF_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    spec, _ = load_ir(compile_pipeline(params, tmp_path / "q.yaml"))
+    default = spec["root"]["inputDefinitions"]["parameters"]["data_version"]["defaultValue"]
+    assert default == "0123456789abcdef0123456789abcdef01234567"
 
 
 def test_credentials_from_optional_secret(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
@@ -205,6 +292,24 @@ def test_mlflow_tracking_uri_passes_through(params: Params, tmp_path: Path, monk
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.meddiff.svc:5000"} in env
 
 
+def test_mlflow_tracking_uri_from_the_config_map(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    for stage, config in kubernetes_executors(*compiled).items():
+        (config_map,) = config["configMapAsEnv"]
+        assert config_map["configMapName"] == "meddiff-config", stage
+        assert config_map["optional"] is True
+        assert config_map["keyToEnv"] == [{"configMapKey": "MLFLOW_TRACKING_URI", "envVar": "MLFLOW_TRACKING_URI"}]
+
+
+def test_config_map_yields_to_the_compile_environment_or_can_be_off(
+    params: Params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, platform = load_ir(compile_pipeline(apply_overrides(params, ['pipeline.config_map=""']), tmp_path / "a.yaml"))
+    assert all("configMapAsEnv" not in config for config in kubernetes_executors(spec, platform).values())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    spec, platform = load_ir(compile_pipeline(params, tmp_path / "b.yaml"))
+    assert all("configMapAsEnv" not in config for config in kubernetes_executors(spec, platform).values())
+
+
 def test_compile_writes_into_new_folder_and_rejects_other_formats(params: Params, tmp_path: Path) -> None:
     output = compile_pipeline(params, tmp_path / "nested" / "pipeline.yaml")
     assert output.is_file()
@@ -215,9 +320,14 @@ def test_compile_writes_into_new_folder_and_rejects_other_formats(params: Params
 
 def test_cli_compile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "pipeline.yaml"
-    argv = ["pipeline", "compile", "--params", str(PARAMS_FILE), "--set", "train.epochs=2", "--output", str(output)]
+    argv = [
+        "pipeline", "compile", "--params", str(PARAMS_FILE), "--set", "train.epochs=2",
+        "--set", "pipeline.cache_training=true", "--data-version", "data-v7", "--output", str(output),
+    ]
     assert main(argv) == 0
     assert f"wrote {output}" in capsys.readouterr().out
     spec, _ = load_ir(output)
-    default = spec["root"]["inputDefinitions"]["parameters"]["params_json"]["defaultValue"]
-    assert json.loads(default)["train"]["epochs"] == 2
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert json.loads(parameters["params_json"]["defaultValue"])["train"]["epochs"] == 2
+    assert parameters["data_version"]["defaultValue"] == "data-v7"
+    assert caching(spec)["train"] is True

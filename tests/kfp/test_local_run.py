@@ -15,6 +15,8 @@ in ``test_cohort_component`` and needs real types.
 
 import importlib.util
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from kfp.dsl import Dataset
 from meddiff_components.stages import build_components
 from meddiff_pipelines.pipeline import build_pipeline, params_to_json
 
+from meddiff.cli import main
 from meddiff.config import Params, apply_overrides, load_params
 from meddiff.stages import STAGES
 
@@ -110,13 +113,18 @@ def test_pipeline_wiring_with_fake_stages(tmp_path: Path, pipeline_root: Path, m
     monkeypatch.setenv("PYTHONPATH", str(FAKE_STAGES))
     params = apply_overrides(load_params(REPO / "params.yaml"), ["cohort.n_patients=24", "train.epochs=1"])
 
-    build_pipeline(params, image="meddiff:test")()  # params_json from its default
+    build_pipeline(params, image="meddiff:test", data_version="data-v1")()  # parameters from their defaults
 
     validation = json.loads((task_dir(pipeline_root, "ingest") / "report" / "validation.json").read_text())
     assert validation["records_in"] == 24
     assert validation["records_in"] == validation["accepted"] + validation["quarantined"]
     run = json.loads((task_dir(pipeline_root, "train") / "model" / "run.json").read_text())
-    assert run == {"epochs": 1, "patients": 23, "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"}
+    assert run == {
+        "epochs": 1,
+        "patients": 23,
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        "data_version": "data-v1",  # exported by the component as $MEDDIFF_DATA_VERSION
+    }
     assert json.loads((task_dir(pipeline_root, "generate") / "synthetic" / "patients.json").read_text()) == {
         "n": params.generate.n_per_class * len(params.cohort.classes)
     }
@@ -134,7 +142,61 @@ def test_pipeline_wiring_with_fake_stages(tmp_path: Path, pipeline_root: Path, m
         "robustness.1.auc_macro": 0.625,
     }
     assert evaluate["parameterValues"]["Output"]["auc_macro"] == 0.875
+    for task in STAGES:
+        assert executor_output(pipeline_root, task)["parameterValues"]["Output"]["data_version"] == "data-v1", task
     assert not list(Path.cwd().iterdir()), "a stage wrote into the working folder"
+
+
+def test_cli_run_subprocess(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``meddiff pipeline run --runner subprocess``: the whole pipeline through the CLI (stand-in stages)."""
+    monkeypatch.setenv("PYTHONPATH", str(FAKE_STAGES))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.setenv("MEDDIFF_GIT_COMMIT", "fedcba9876543210fedcba9876543210fedcba98")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    root = tmp_path / "outputs"
+    argv = [
+        "pipeline", "run", "--runner", "subprocess", "--params", str(REPO / "params.yaml"),
+        "--set", "cohort.n_patients=12", "--set", "train.epochs=2", "--pipeline-root", str(root),
+    ]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)  # stdout holds the result only; kfp.local logs go to stderr
+    assert result["runner"] == "subprocess" and Path(result["run_dir"]).parent == root
+    run = json.loads((task_dir(root, "train") / "model" / "run.json").read_text())
+    assert run["epochs"] == 2 and run["patients"] == 11
+    assert run["data_version"] == "fedcba9876543210fedcba9876543210fedcba98"  # default: the current commit
+    assert (task_dir(root, "explain") / "report" / "index.html").is_file()
+    assert not list(workdir.iterdir()), "a stage wrote into the working folder"
+
+
+def test_cli_run_docker_stops_at_once_without_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No Docker engine here: ``--runner docker`` must say so at once and run nothing."""
+    root = tmp_path / "outputs"
+    params_file = str(REPO / "params.yaml")
+    argv = ["pipeline", "run", "--runner", "docker", "--params", params_file, "--pipeline-root", str(root)]
+
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'no-docker.sock'}")
+    started = time.monotonic()
+    assert main(argv) == 1
+    assert time.monotonic() - started < 5
+    assert f"no Docker engine answers at unix://{tmp_path / 'no-docker.sock'}" in capsys.readouterr().err
+    assert not root.exists()
+
+    # an endpoint that accepts connections but never answers: the short timeout applies
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("DOCKER_HOST", f"tcp://127.0.0.1:{silent.getsockname()[1]}")
+        started = time.monotonic()
+        assert main([*argv, "--docker-timeout", "1"]) == 1
+        assert time.monotonic() - started < 10
+    assert "no Docker engine answers at tcp://127.0.0.1:" in capsys.readouterr().err
+    assert not root.exists()
 
 
 def test_cohort_component(tiny_params: Params, pipeline_root: Path) -> None:

@@ -22,7 +22,7 @@ def test_shapes(tiny_processed) -> None:
     out = model({k: batch[k] for k in MODEL_INPUTS}, batch["present"], output_attentions=True)
     assert out.logits.shape == (5, data.n_classes)
     assert out.z.shape == (5, 16)
-    n_tokens = 4 * 4 * 4 + 12 + data.n_tabular
+    n_tokens = 4 * 4 * 4 + 12 + data.n_tabular + 1  # + the null key
     assert out.attention.shape == (5, 2, 3, n_tokens)
     assert out.token_slices["text"] == slice(64, 76)
     assert len(out.text_attentions) == 1
@@ -53,3 +53,29 @@ def test_ontology_bias_reaches_matching_note_tokens(tiny_processed) -> None:
     bias = model.ontology_bias(torch.tensor([[2, 5, 6, 7, 0]]))
     assert bias.tolist() == [[0.0, 2.5, 0.0, 2.5, 0.0]]
     assert "token_term" in model.state_dict()  # the mapping travels with the weights
+
+
+def test_unimodal_model_ignores_other_modalities(tiny_processed) -> None:
+    from dataclasses import replace
+
+    _, data = tiny_processed
+    model = _model(data)
+    text_only = MedDiffModel(replace(model.spec, modalities=("text",))).eval()
+    batch = to_batch(data, list(range(4)))
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
+    all_used = torch.ones(4, 3, dtype=torch.bool)
+    before = text_only(inputs, all_used).logits
+    inputs["image"] = torch.rand_like(inputs["image"])
+    inputs["tabular"] = torch.randn_like(inputs["tabular"])
+    torch.testing.assert_close(before, text_only(inputs, all_used).logits)
+
+
+def test_concat_fusion_ablation_runs(tiny_processed) -> None:
+    from dataclasses import replace
+
+    _, data = tiny_processed
+    model = _model(data)
+    concat = MedDiffModel(replace(model.spec, model=model.spec.model.model_copy(update={"fusion": "concat"}))).eval()
+    batch = to_batch(data, list(range(4)))
+    out = concat({k: batch[k] for k in MODEL_INPUTS}, batch["present"])
+    assert out.logits.shape == (4, data.n_classes) and out.attention is None

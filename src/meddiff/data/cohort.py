@@ -32,6 +32,7 @@ from meddiff.config import CohortConfig, Params
 from meddiff.data.dicom_writer import Scanner, StudyInfo, deterministic_uid, write_ct_series
 from meddiff.data.fhir_writer import (
     LABS,
+    FakeIdentity,
     condition_resource,
     dumps,
     observation_resource,
@@ -83,6 +84,48 @@ SCANNERS: dict[str, Scanner] = {
                            pixel_representation=1, bits_stored=16, rescale_slope=0.5, kvp=130.0,
                            descending_instances=True),
 }
+
+
+#: invented names and places for the fake PHI (none is a clinical word, so scans for leaks are exact)
+GIVEN_NAMES: tuple[str, ...] = (
+    "Eleanor", "Marcus", "Priya", "Tobias", "Ingrid", "Rafael", "Siobhan", "Dmitri", "Amara", "Lucian",
+    "Henrietta", "Oskar", "Beatrix", "Cornelius", "Delphine", "Evander", "Fiona", "Gideon", "Harriet", "Ignatius",
+)
+FAMILY_NAMES: tuple[str, ...] = (
+    "Whitfield", "Okafor", "Lindqvist", "Moreau", "Castellano", "Nakamura", "Brennan", "Haddad", "Kowalski",
+    "Abernathy", "Delacroix", "Fairbanks", "Gallagher", "Hargrove", "Ivanova", "Jablonski", "Kingsley",
+    "Lockhart", "Montague", "Norberg", "Ostrowski", "Pemberton", "Quintero", "Rasmussen", "Thornbury",
+)
+STREETS: tuple[str, ...] = ("Maple", "Juniper", "Harborview", "Chestnut", "Wexford", "Sycamore", "Larkspur",
+                            "Ashbury")
+STREET_TYPES: tuple[str, ...] = ("Street", "Avenue", "Road", "Lane")
+CITIES: tuple[str, ...] = ("Millbrook", "Easthaven", "Cedar Falls", "Port Ellison", "Ridgemont")
+
+
+def fake_identity(seed: int, index: int) -> FakeIdentity:
+    """Invented name, address, phone and physician of patient ``index`` (own random stream)."""
+    rng = np.random.default_rng([seed, index, 0x9E1])
+
+    def pick(options: tuple[str, ...]) -> str:
+        return options[int(rng.integers(len(options)))]
+
+    return FakeIdentity(
+        given=pick(GIVEN_NAMES), family=pick(FAMILY_NAMES),
+        street=f"{int(rng.integers(2, 9900))} {pick(STREETS)} {pick(STREET_TYPES)}", city=pick(CITIES),
+        postal_code=f"{int(rng.integers(10000, 99999))}",
+        phone=f"({int(rng.integers(201, 989))}) 555-{int(rng.integers(1000, 9999))}",
+        physician=(pick(GIVEN_NAMES), pick(FAMILY_NAMES)),
+    )
+
+
+def phi_note(identity: FakeIdentity, patient_id: str, birth_date: datetime.date, visit: datetime.date,
+             body: str) -> str:
+    """An ED note wrapped in the identifying lines real notes carry (all invented)."""
+    return (
+        f"ED note {visit.month}/{visit.day}/{visit.year}. Patient: {identity.full_name}, DOB "
+        f"{birth_date.strftime('%m/%d/%Y')}, MRN {patient_id}. Lives at {identity.street}, {identity.city} "
+        f"{identity.postal_code}.\n{body.strip()}\nSeen by Dr. {identity.physician[1]}; contact {identity.phone}.\n"
+    )
 
 
 @dataclass(frozen=True)
@@ -187,13 +230,14 @@ def _generate_patient(task: tuple[PatientPlan, Params, Path]) -> PatientOutput:
     study_time = f"{int(rng.integers(0, 24)):02d}{int(rng.integers(0, 60)):02d}00"
     effective = f"{study_day.isoformat()}T{study_time[:2]}:{study_time[2:4]}:00Z"
 
+    identity = fake_identity(params.seed, plan.index)
     n_files = 0
     if plan.has_image:
-        n_files = _write_imaging(rng, plan, params, raw_dir, age, sex, study_day, study_time, birth_date)
+        n_files = _write_imaging(rng, plan, params, raw_dir, age, sex, study_day, study_time, birth_date, identity)
     else:  # keep the random stream aligned whether or not the image is written
         rng.random()
 
-    patient_line = dumps(patient_resource(pid, sex, birth_date.isoformat(), plan.site))
+    patient_line = dumps(patient_resource(pid, sex, birth_date.isoformat(), plan.site, identity))
     patient_lines = [patient_line, patient_line] if plan.fault == "duplicate_patient" else [patient_line]
 
     observation_lines = []
@@ -222,7 +266,7 @@ def _generate_patient(task: tuple[PatientPlan, Params, Path]) -> PatientOutput:
 
     note_path = raw_dir / "notes" / f"{pid}.txt"
     if plan.has_note:
-        text = clinical_note(rng, plan.diagnosis, age, sex)
+        text = phi_note(identity, pid, birth_date, study_day, clinical_note(rng, plan.diagnosis, age, sex))
         if plan.fault == "empty_note":
             note_path.write_bytes(b"")
         elif plan.fault == "non_utf8_note":
@@ -234,7 +278,7 @@ def _generate_patient(task: tuple[PatientPlan, Params, Path]) -> PatientOutput:
 
 def _write_imaging(
     rng: np.random.Generator, plan: PatientPlan, params: Params, raw_dir: Path, age: int, sex: str,
-    study_day: datetime.date, study_time: str, birth_date: datetime.date,
+    study_day: datetime.date, study_time: str, birth_date: datetime.date, identity: FakeIdentity,
 ) -> int:
     config = params.cohort
     minority = plan.site == MINORITY_SITE
@@ -265,6 +309,8 @@ def _write_imaging(
         study_instance_uid=study_uid,
         series_instance_uid=series_uid,
         frame_of_reference_uid=deterministic_uid(params.seed, plan.patient_id, "frame"),
+        patient_name=f"{identity.family}^{identity.given}",
+        referring_physician_name=f"{identity.physician[1]}^{identity.physician[0]}",
     )
     first_position = tuple(float(-(n - 1) / 2.0 * s) for n, s in zip(shape, spacing, strict=True))
     series_dir = raw_dir / "imaging" / plan.patient_id / study_uid / series_uid

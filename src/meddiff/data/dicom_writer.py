@@ -50,6 +50,8 @@ class StudyInfo:
     study_instance_uid: str
     series_instance_uid: str
     frame_of_reference_uid: str
+    patient_name: str = ""  # DICOM PN, Family^Given
+    referring_physician_name: str = ""
 
 
 def deterministic_uid(*entropy: object) -> str:
@@ -83,11 +85,11 @@ def _series_template(info: StudyInfo, scanner: Scanner, rows: int, columns: int)
     ds.Modality = "CT"
     ds.Manufacturer = scanner.manufacturer
     ds.InstitutionName = scanner.institution
-    ds.ReferringPhysicianName = ""
+    ds.ReferringPhysicianName = info.referring_physician_name
     ds.StudyDescription = "CT HEAD WO CONTRAST"
     ds.SeriesDescription = "AXIAL BRAIN"
     ds.ManufacturerModelName = scanner.model
-    ds.PatientName = f"SYNTHETIC^{info.patient_id}"
+    ds.PatientName = info.patient_name or f"SYNTHETIC^{info.patient_id}"
     ds.PatientID = info.patient_id
     ds.PatientBirthDate = info.patient_birth_date
     ds.PatientSex = info.patient_sex

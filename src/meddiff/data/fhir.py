@@ -1,10 +1,14 @@
-"""Read FHIR R4 bulk-data NDJSON (Patient, Observation, Condition) into flat rows.
+"""Read FHIR R4 bulk-data NDJSON and Bundles (Patient, Observation, Condition, DocumentReference).
 
 * Patient (https://hl7.org/fhir/R4/patient.html): ``id``, ``gender``, ``birthDate`` → age at the
   reference date, ``managingOrganization`` → acquisition site.
 * Observation (https://hl7.org/fhir/R4/observation.html): ``code.coding`` LOINC → canonical lab,
   ``valueQuantity`` harmonised to the canonical UCUM unit (https://ucum.org).
 * Condition (https://hl7.org/fhir/R4/condition.html): ``code.coding`` ICD-10 → diagnosis class.
+* DocumentReference (https://hl7.org/fhir/R4/documentreference.html): a note as an inline base64
+  ``content[].attachment.data`` of contentType ``text/plain``.
+* Bundle (https://hl7.org/fhir/R4/bundle.html): a JSON document whose ``entry[].resource`` are read
+  like NDJSON lines.
 
 Parsing never raises on a bad line: it returns the row with the problem recorded, and validation
 (great-expectations) decides what is quarantined.
@@ -12,6 +16,8 @@ Parsing never raises on a bad line: it returns the row with the problem recorded
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import json
 from collections.abc import Callable, Iterator
@@ -154,3 +160,48 @@ def condition_row(resource: dict[str, Any], icd10_to_class: dict[str, str]) -> d
         "icd10": code,
         "label": icd10_class(code, icd10_to_class),
     }
+
+
+def read_bundle(path: Path) -> tuple[list[tuple[int, dict[str, Any] | None, str | None]], str | None]:
+    """``(entries, error)`` of a Bundle file: ``(index, resource, problem)`` per entry, or a file error."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            bundle = json.load(handle)
+    except UnicodeDecodeError as error:
+        return [], f"not UTF-8: {error}"
+    except json.JSONDecodeError as error:
+        return [], f"invalid JSON: {error}"
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        kind = bundle.get("resourceType") if isinstance(bundle, dict) else type(bundle).__name__
+        return [], f"resourceType {kind!r}, expected a FHIR Bundle"
+    entries = []
+    for index, entry in enumerate(bundle.get("entry") or []):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
+            entries.append((index, None, "Bundle.entry without a resource object"))
+        else:
+            entries.append((index, resource, None))
+    return entries, None
+
+
+def document_note(resource: dict[str, Any]) -> tuple[str | None, bytes | None, str | None]:
+    """``(patient id, note bytes, problem)`` of a DocumentReference with an inline text/plain attachment.
+
+    ``problem`` is ``(reason: message)`` text when there is no readable attachment.
+    """
+    patient_id = reference_id(resource.get("subject"))
+    for content in resource.get("content") or []:
+        attachment = content.get("attachment") if isinstance(content, dict) else None
+        if not isinstance(attachment, dict):
+            continue
+        content_type = str(attachment.get("contentType", "")).split(";")[0].strip().lower()
+        if content_type != "text/plain":
+            return patient_id, None, f"unsupported_format: attachment contentType {content_type!r}, expected text/plain"
+        data = attachment.get("data")
+        if not isinstance(data, str) or not data:
+            return patient_id, None, "missing_field: attachment has no inline data (url attachments are not fetched)"
+        try:
+            return patient_id, base64.b64decode(data, validate=True), None
+        except (binascii.Error, ValueError) as error:
+            return patient_id, None, f"unreadable_attachment: attachment data is not base64: {error}"
+    return patient_id, None, "missing_field: DocumentReference.content has no attachment"

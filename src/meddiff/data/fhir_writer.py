@@ -87,16 +87,43 @@ def dumps(resource: dict[str, Any]) -> str:
     return json.dumps(resource, separators=(",", ":"))
 
 
-def patient_resource(patient_id: str, gender: str, birth_date: str, site: str) -> dict[str, Any]:
-    """FHIR R4 Patient (no name: synthetic identifiers only)."""
-    return {
+@dataclass(frozen=True)
+class FakeIdentity:
+    """Realistic-looking but invented PHI, written so that de-identification is testable."""
+
+    given: str
+    family: str
+    street: str
+    city: str
+    postal_code: str
+    phone: str
+    physician: tuple[str, str]  # (given, family) of the referring physician
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.given} {self.family}"
+
+
+def patient_resource(
+    patient_id: str, gender: str, birth_date: str, site: str, identity: FakeIdentity | None = None
+) -> dict[str, Any]:
+    """FHIR R4 Patient; with ``identity``, also name, address and telecom (all invented)."""
+    resource: dict[str, Any] = {
         "resourceType": "Patient",
         "id": patient_id,
         "identifier": [{"system": "urn:meddiff:synthetic-patient", "value": patient_id}],
+    }
+    if identity is not None:
+        resource["name"] = [{"use": "official", "family": identity.family, "given": [identity.given]}]
+        resource["telecom"] = [{"system": "phone", "value": identity.phone, "use": "home"}]
+        resource["address"] = [{"use": "home", "line": [identity.street], "city": identity.city,
+                                "postalCode": identity.postal_code, "country": "US"}]
+    resource.update({
         "gender": gender,
         "birthDate": birth_date,
         "managingOrganization": {"reference": f"Organization/{site}"},
-    }
+    })
+    return resource
 
 
 def observation_resource(

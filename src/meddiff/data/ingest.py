@@ -1,25 +1,40 @@
-"""``meddiff ingest``: raw DICOM / FHIR R4 NDJSON / notes -> validated interim data + quarantine.
+"""``meddiff ingest``: raw imaging / EHR / notes -> validated, de-identified interim data + quarantine.
 
-Every input item becomes one record (:mod:`meddiff.data.quarantine`) of a kind: ``image_series``
-(a DICOM series, PS3.3 C.7.3), ``lesion_mask``, ``patient``, ``observation``, ``condition`` (FHIR R4
-resources), ``note`` and stray ``file``. Records are checked in two layers: structural checks while
-reading (DICOM geometry, JSON, UTF-8) and great-expectations suites per table
-(:mod:`meddiff.data.validation`), which name exactly the failing rows. A patient enters
-``interim_dir/manifest.parquet`` when its Patient record is accepted, it has a diagnosis label and at
-least one accepted modality; records of rejected patients are quarantined as ``orphan_record``. One bad
-record never stops the stage.
+Inputs (all optional, mixed freely in one drop; see ``docs/data.md``):
+
+* imaging: DICOM series (single- or multi-frame, native or compressed transfer syntaxes) or NIfTI cases
+  in the BraTS layout ``imaging/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``; ``masks/<patient>.nii.gz``;
+* EHR: FHIR R4 NDJSON (``ehr/<Resource>.ndjson``), FHIR Bundles (``ehr/*.json``), MIMIC-IV style CSV
+  (``ehr/patients.csv``, ``labevents.csv``, ``diagnoses_icd.csv``);
+* notes: ``notes/<patient>.txt`` and FHIR DocumentReference (inline text/plain attachment).
+
+Every input item becomes one record (:mod:`meddiff.data.quarantine`) of a kind: ``image_series``,
+``lesion_mask``, ``patient``, ``observation``, ``condition``, ``note`` and stray ``file``. Records are
+checked in two layers: structural checks while reading (paths, DICOM geometry, JSON, UTF-8) and
+great-expectations suites per table (:mod:`meddiff.data.validation`), which name exactly the failing
+rows. A patient enters ``interim_dir/manifest.parquet`` when its Patient record is accepted, it has a
+diagnosis label and at least one accepted modality; records of rejected patients are quarantined as
+``orphan_record``. One bad record never stops the stage.
+
+Nothing identifying reaches ``interim_dir`` (:mod:`meddiff.data.deid`): patient ids become keyed
+pseudonyms (also in file names), UIDs are replaced, DICOM headers kept in ``interim/headers/`` are
+de-identified with the PS3.15 Annex E Basic Profile, notes are scrubbed, and only age (capped), sex,
+site, labs and the diagnosis are taken from the EHR. Symlinks and unsafe names in the raw tree are
+quarantined and never followed.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import html
+import json
 import logging
 import multiprocessing
 import os
-import shutil
+import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +44,28 @@ import numpy as np
 import pandas as pd
 
 from meddiff.config import Params
+from meddiff.data import ehr_csv
+from meddiff.data.deid import (
+    DEID_METHOD,
+    PatientIdentifiers,
+    Pseudonymizer,
+    cap_age,
+    deidentify_dataset,
+    deidentify_text,
+    identifiers_from_patient,
+    resolve_key,
+)
 from meddiff.data.dicom import FileProblem, SeriesError, SliceHeader, load_series, read_headers
-from meddiff.data.fhir import condition_row, observation_row, patient_row, read_ndjson
-from meddiff.data.notes import normalise_note, read_note
+from meddiff.data.fhir import (
+    condition_row,
+    document_note,
+    observation_row,
+    patient_row,
+    read_bundle,
+    read_ndjson,
+)
+from meddiff.data.nifti import CaseError, is_nifti, load_brats_case
+from meddiff.data.notes import decode_note, normalise_note
 from meddiff.data.quarantine import Ledger, Record
 from meddiff.data.validation import (
     RECORD_ID,
@@ -48,9 +82,15 @@ from meddiff.io import atomic_dir, write_json
 LOG = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.parquet"
+HEADERS_DIR = "headers"
 #: files at the top of raw_dir that describe the drop rather than hold records
 PROVENANCE_FILES = frozenset({"cohort.json", "README.md", "README.txt"})
-EHR_RESOURCES: dict[str, str] = {"Patient": "patient", "Observation": "observation", "Condition": "condition"}
+#: FHIR resource type -> record kind
+EHR_RESOURCES: dict[str, str] = {"Patient": "patient", "Observation": "observation", "Condition": "condition",
+                                 "DocumentReference": "note"}
+#: characters never accepted in a raw file or folder name (path tricks, control characters)
+_UNSAFE_NAME = re.compile(r"\.\.|[\\\x00-\x1f\x7f]")
+ACCEPTED_MODALITIES = ("CT",)
 
 
 @dataclass
@@ -67,26 +107,118 @@ class IngestResult:
     seconds: float = 0.0
 
 
-# --------------------------------------------------------------------------------------------- imaging
+# ------------------------------------------------------------------------------------------ inventory
 
 
-def _assemble_series(task: tuple[str, list[SliceHeader], Path]) -> dict[str, Any]:
-    """Worker: load one series and write it as NIfTI (RAS); return a row or the rejection."""
-    series_uid, headers, target = task
+@dataclass
+class Inventory:
+    """The raw tree sorted by what reads it (paths only: nothing is opened here)."""
+
+    dicom: list[Path] = field(default_factory=list)
+    nifti_cases: dict[str, list[Path]] = field(default_factory=dict)
+    masks: list[Path] = field(default_factory=list)
+    ndjson: list[Path] = field(default_factory=list)
+    bundles: list[Path] = field(default_factory=list)
+    csv: list[Path] = field(default_factory=list)
+    notes: list[Path] = field(default_factory=list)
+
+
+def _unsafe(ledger: Ledger, raw_dir: Path, path: Path, message: str) -> None:
+    relative = str(path.relative_to(raw_dir))
+    # files=(): nothing is copied (a copy would follow the link out of the tree)
+    record = ledger.add(Record("file", f"file/{relative}", relative))
+    ledger.quarantine(record, "unsafe_path", message)
+
+
+def _inventory(raw_dir: Path, ledger: Ledger) -> Inventory:
+    """Walk the raw tree without following symlinks; sort files by reader, quarantine the rest."""
+    found = Inventory()
+    root = os.path.realpath(raw_dir)
+    for dirpath, dirnames, filenames in os.walk(raw_dir, followlinks=False):
+        directory = Path(dirpath)
+        for name in sorted(dirnames):
+            path = directory / name
+            if path.is_symlink() or _UNSAFE_NAME.search(name):
+                target = os.path.realpath(path)
+                where = "outside" if os.path.commonpath([root, target]) != root else "inside"
+                _unsafe(ledger, raw_dir, path, f"{'symlinked' if path.is_symlink() else 'unsafe'} directory "
+                        f"(resolves {where} the raw directory) is not followed")
+                dirnames.remove(name)
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = directory / name
+            relative = path.relative_to(raw_dir)
+            if path.is_symlink():
+                target = os.path.realpath(path)
+                inside = os.path.commonpath([root, target]) == root
+                what = "outside the raw directory" if inside is False else "inside the raw directory"
+                if not os.path.exists(target):
+                    what = "to nothing (dangling)"
+                _unsafe(ledger, raw_dir, path, f"symlink pointing {what}; symlinks are never followed")
+                continue
+            if _UNSAFE_NAME.search(name):
+                _unsafe(ledger, raw_dir, path, f"file name {name!r} contains '..' or control characters")
+                continue
+            if not path.is_file():
+                _unsafe(ledger, raw_dir, path, "not a regular file (device, FIFO or socket)")
+                continue
+            top, depth = relative.parts[0], len(relative.parts)
+            if depth == 1 and name in PROVENANCE_FILES:
+                continue
+            if top == "imaging" and is_nifti(path) and depth == 3:
+                found.nifti_cases.setdefault(relative.parts[1], []).append(path)
+            elif top == "imaging" and not is_nifti(path):
+                found.dicom.append(path)
+            elif top == "masks" and name.endswith(".nii.gz") and depth == 2:
+                found.masks.append(path)
+            elif top == "ehr" and depth == 2 and path.suffix == ".ndjson" and path.stem in EHR_RESOURCES:
+                found.ndjson.append(path)
+            elif top == "ehr" and depth == 2 and path.suffix == ".json":
+                found.bundles.append(path)
+            elif top == "ehr" and depth == 2 and name in ehr_csv.MIMIC_TABLES:
+                found.csv.append(path)
+            elif top == "notes" and path.suffix == ".txt" and depth == 2:
+                found.notes.append(path)
+            else:
+                record = ledger.add(Record("file", f"file/{relative}", str(relative), files=(path,)))
+                ledger.quarantine(record, "unexpected_file", f"{relative} is not part of the raw layout "
+                                  "(imaging/, masks/, ehr/<Resource>.ndjson|*.json|<table>.csv, notes/<patient>.txt)")
+    return found
+
+
+# -------------------------------------------------------------------------------------------- imaging
+
+
+def _save_nifti(data: np.ndarray, affine: np.ndarray, target: Path) -> None:
+    """A fresh NIfTI-1 header (nothing copied from the source's descrip/aux_file/db_name)."""
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, target)
+
+
+def _assemble_series(task: tuple[str, list[SliceHeader], Path, bytes, int]) -> dict[str, Any]:
+    """Worker: load one series, write it as NIfTI (RAS); de-identify its header; return a row or the error."""
+    series_uid, headers, target, key, max_shift = task
     try:
         volume = load_series(headers)
     except SeriesError as error:
         return {"series_uid": series_uid, "error": (error.reason, error.message)}
-    image = nib.Nifti1Image(volume.hu.astype(np.float32), volume.affine)
-    image.set_qform(volume.affine, code=1)
-    image.set_sform(volume.affine, code=1)
-    image.header.set_xyzt_units("mm")
-    nib.save(image, target)
+    _save_nifti(volume.hu.astype(np.float32), volume.affine, target)
+    header_json = None
+    names: tuple[str, ...] = ()
+    if volume.reference is not None:
+        reference = volume.reference
+        patient_name = str(reference.get("PatientName", "") or "")
+        names = tuple(p for p in re.split(r"[\^=]", patient_name) if p.strip())
+        deidentify_dataset(reference, Pseudonymizer(key, max_shift), str(reference.get("PatientID", "")))
+        header_json = reference.to_json_dict(bulk_data_threshold=4096, bulk_data_element_handler=lambda _: "")
     return {
         "series_uid": series_uid, "error": None, "n_slices": int(volume.hu.shape[2]),
         "hu_min": float(volume.hu.min()), "hu_max": float(volume.hu.max()),
         "shape": list(volume.hu.shape), "affine": volume.affine.tolist(),
-        "spacing_mm": [float(s) for s in volume.spacing_mm],
+        "spacing_mm": [float(s) for s in volume.spacing_mm], "header": header_json, "names": names,
     }
 
 
@@ -98,92 +230,181 @@ def _chunks(items: list[Path], size: int) -> list[list[Path]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _ingest_imaging(
-    raw_dir: Path, files: list[Path], images_dir: Path, ledger: Ledger, workers: int
-) -> tuple[pd.DataFrame, dict[str, Record]]:
-    """DICOM files -> series records (+ NIfTI written for assembled ones); returns the series table."""
+SERIES_COLUMNS = [RECORD_ID, "patient_id", "series_uid", "n_slices", "hu_min", "hu_max", "shape", "affine",
+                  "spacing_mm", "header", "names", "mask_file"]
+
+
+def _ingest_dicom(
+    raw_dir: Path, files: list[Path], images_dir: Path, ledger: Ledger, workers: int, pseudo: Pseudonymizer,
+) -> tuple[list[dict[str, Any]], dict[str, Record]]:
+    """DICOM files -> series records (+ NIfTI written for assembled ones)."""
     pool = _pool(workers)
     try:
         chunks = _chunks(sorted(files), 64)
-        results = pool.map(read_headers, chunks) if pool else [read_headers(c) for c in chunks]
-        headers: list[SliceHeader] = []
+        results = pool.imap(read_headers, chunks) if pool else map(read_headers, chunks)
+        series: dict[str, list[SliceHeader]] = defaultdict(list)
         for batch in results:
             for item in batch:
                 if isinstance(item, FileProblem):
-                    record = ledger.add(Record("file", f"file/{item.path.relative_to(raw_dir)}",
-                                               str(item.path.relative_to(raw_dir)), files=(item.path,)))
+                    relative = item.path.relative_to(raw_dir)
+                    record = ledger.add(Record("file", f"file/{relative}", str(relative), files=(item.path,)))
                     ledger.quarantine(record, item.reason, item.message)
                 else:
-                    headers.append(item)
-        series: dict[str, list[SliceHeader]] = defaultdict(list)
-        for header in headers:
-            series[header.series_instance_uid].append(header)
+                    series[item.series_instance_uid].append(item)
         records: dict[str, Record] = {}
         tasks = []
         for series_uid, members in sorted(series.items()):
-            members.sort(key=lambda h: str(h.path))
+            members.sort(key=lambda h: (str(h.path), h.frame or 0))
             patient_ids = sorted({h.patient_id for h in members})
             source = str(members[0].path.parent.relative_to(raw_dir))
             record = ledger.add(Record("image_series", f"series/{series_uid}", source,
                                        patient_id=patient_ids[0] or None,
-                                       files=tuple(h.path for h in members)))
+                                       files=tuple(dict.fromkeys(h.path for h in members))))
             records[series_uid] = record
             modalities = sorted({h.modality for h in members})
             studies = sorted({h.study_instance_uid for h in members})
             if len(patient_ids) > 1:
-                ledger.quarantine(record, "inconsistent_patient", f"series mixes PatientIDs {patient_ids}")
+                ledger.quarantine(record, "inconsistent_patient", f"series mixes {len(patient_ids)} PatientIDs")
             elif len(studies) > 1:
-                ledger.quarantine(record, "inconsistent_study", f"series spans StudyInstanceUIDs {studies}")
-            elif modalities != ["CT"]:
-                ledger.quarantine(record, "unsupported_modality", f"Modality {modalities}, expected CT")
+                ledger.quarantine(record, "inconsistent_study", f"series spans {len(studies)} StudyInstanceUIDs")
+            elif not set(modalities) <= set(ACCEPTED_MODALITIES):
+                ledger.quarantine(record, "unsupported_modality",
+                                  f"Modality {modalities}, expected {list(ACCEPTED_MODALITIES)}")
             else:
-                tasks.append((series_uid, members, images_dir / f"{series_uid}.nii.gz"))
-        assembled = pool.map(_assemble_series, tasks) if pool else [_assemble_series(t) for t in tasks]
+                target = images_dir / f"{pseudo.uid(series_uid)}.nii.gz"  # no raw UID in any interim name
+                tasks.append((series_uid, members, target, pseudo.key, pseudo.max_date_shift_days))
+        assembled = pool.imap(_assemble_series, tasks) if pool else map(_assemble_series, tasks)
+        rows = []
+        for outcome in assembled:
+            record = records[outcome["series_uid"]]
+            if outcome["error"] is not None:
+                ledger.quarantine(record, *outcome["error"])
+                continue
+            rows.append({RECORD_ID: record.record_id, "patient_id": record.patient_id, "mask_file": None,
+                         **{k: v for k, v in outcome.items() if k != "error"}})
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    rows = []
-    for outcome in assembled:
-        record = records[outcome["series_uid"]]
-        if outcome["error"] is not None:
-            ledger.quarantine(record, *outcome["error"])
+    return rows, records
+
+
+def _ingest_nifti(
+    raw_dir: Path, cases: dict[str, list[Path]], images_dir: Path, ledger: Ledger, channel: str,
+    pseudo: Pseudonymizer,
+) -> tuple[list[dict[str, Any]], dict[str, Record]]:
+    """BraTS cases -> image rows (the chosen channel) with their segmentation as the lesion mask."""
+    rows, records = [], {}
+    for case_id, files in sorted(cases.items()):
+        source = str(files[0].parent.relative_to(raw_dir))
+        record = ledger.add(Record("image_series", f"nifti/{case_id}", source, patient_id=case_id,
+                                   files=tuple(sorted(files))))
+        records[record.record_id] = record
+        try:
+            case = load_brats_case(case_id, files, channel)
+        except CaseError as error:
+            ledger.quarantine(record, error.reason, error.message)
             continue
-        rows.append({RECORD_ID: record.record_id, "patient_id": record.patient_id, **{
-            k: v for k, v in outcome.items() if k != "error"
-        }})
-    columns = [RECORD_ID, "patient_id", "series_uid", "n_slices", "hu_min", "hu_max", "shape", "affine",
-               "spacing_mm"]
-    return pd.DataFrame(rows, columns=columns), records
+        series_uid = f"nifti:{case_id}"
+        target = images_dir / f"{pseudo.uid(series_uid)}.nii.gz"
+        _save_nifti(case.image, case.affine, target)
+        mask_target = images_dir / f"{pseudo.uid(series_uid)}.mask.nii.gz"
+        _save_nifti(case.mask, case.affine, mask_target)
+        rows.append({RECORD_ID: record.record_id, "patient_id": case_id, "series_uid": series_uid,
+                     "n_slices": int(case.image.shape[2]), "hu_min": None, "hu_max": None,  # MR: not HU
+                     "shape": list(case.image.shape), "affine": case.affine.tolist(),
+                     "spacing_mm": [float(v) for v in nib.affines.voxel_sizes(case.affine)],
+                     "header": None, "names": (), "mask_file": mask_target.name})
+    return rows, records
 
 
 # ------------------------------------------------------------------------------------------------ EHR
 
 
-def _ingest_ehr_file(path: Path, resource_type: str, ledger: Ledger, raw_dir: Path) -> list[tuple[Record, dict]]:
-    """Parse one NDJSON file into records; structural problems and exact duplicates are quarantined."""
+@dataclass
+class EhrRecords:
+    """Parsed EHR items per kind: ``(record, resource or row, source format)``."""
+
+    items: dict[str, list[tuple[Record, dict[str, Any], str]]] = field(
+        default_factory=lambda: {kind: [] for kind in ("patient", "observation", "condition", "note")})
+    ignored_entries: Counter = field(default_factory=Counter)
+    _seen: dict[tuple[str, bytes], str] = field(default_factory=dict)  # (kind, SHA-256 of canonical JSON)
+
+    def add(self, ledger: Ledger, record: Record, resource: dict[str, Any], fmt: str) -> None:
+        """Add a parsed item; an exact copy of an earlier one (same kind) is a ``duplicate_record``."""
+        canonical = json.dumps(resource, sort_keys=True, separators=(",", ":"))
+        key = (record.kind, hashlib.sha256(canonical.encode()).digest())
+        if key in self._seen:
+            ledger.quarantine(record, "duplicate_record", f"exact copy of {self._seen[key]}")
+            return
+        self._seen[key] = record.source
+        self.items[record.kind].append((record, resource, fmt))
+
+
+def _fhir_record(ledger: Ledger, resource: dict[str, Any] | None, resource_type: str, record_id: str,
+                 source: str, raw_text: str | None) -> Record:
     kind = EHR_RESOURCES[resource_type]
-    seen: dict[str, str] = {}
-    parsed = []
+    subject = resource.get("id") if kind == "patient" and resource else None
+    return ledger.add(Record(kind, record_id, source, patient_id=subject if isinstance(subject, str) else None,
+                             raw_text=raw_text))
+
+
+def _ingest_ndjson(path: Path, ledger: Ledger, raw_dir: Path, ehr: EhrRecords) -> None:
+    resource_type = path.stem
     relative = str(path.relative_to(raw_dir))
     for line in read_ndjson(path):
         resource = line.resource or {}
         resource_id = resource.get("id") if isinstance(resource.get("id"), str) else None
-        record_id = f"{resource_type}/{resource_id or '?'}@L{line.line_number}"
-        subject = resource.get("id") if kind == "patient" else None
-        record = ledger.add(Record(kind, record_id, f"{relative}:{line.line_number}", patient_id=subject,
-                                   raw_text=line.text))
+        record = _fhir_record(ledger, resource, resource_type, f"{resource_type}/{resource_id or '?'}@"
+                              f"{relative}:{line.line_number}", f"{relative}:{line.line_number}", line.text)
         if line.error is not None:
             ledger.quarantine(record, "invalid_json", line.error)
         elif resource.get("resourceType") != resource_type:
             ledger.quarantine(record, "wrong_resource_type",
                               f"resourceType {resource.get('resourceType')!r} in {path.name}, expected {resource_type}")
-        elif line.text in seen:
-            ledger.quarantine(record, "duplicate_record", f"exact copy of line {seen[line.text]}")
         else:
-            seen[line.text] = str(line.line_number)
-            parsed.append((record, resource))
-    return parsed
+            ehr.add(ledger, record, resource, "fhir")
+
+
+def _ingest_bundle(path: Path, ledger: Ledger, raw_dir: Path, ehr: EhrRecords) -> None:
+    relative = str(path.relative_to(raw_dir))
+    entries, error = read_bundle(path)
+    if error is not None:
+        record = ledger.add(Record("file", f"file/{relative}", relative, files=(path,)))
+        ledger.quarantine(record, "wrong_resource_type" if "resourceType" in error else "invalid_json", error)
+        return
+    for index, resource, problem in entries:
+        resource_type = str((resource or {}).get("resourceType"))
+        if resource is not None and resource_type not in EHR_RESOURCES:
+            ehr.ignored_entries[resource_type] += 1  # Encounter, Claim, ...: not read, counted in the report
+            continue
+        resource_id = (resource or {}).get("id")
+        record = _fhir_record(ledger, resource, resource_type if resource else "Patient",
+                              f"{resource_type}/{resource_id or '?'}@{relative}#{index}", f"{relative}#entry{index}",
+                              json.dumps(resource) if resource is not None else None)
+        if problem is not None:
+            ledger.quarantine(record, "invalid_json", problem)
+        else:
+            ehr.add(ledger, record, resource, "fhir")
+
+
+def _ingest_csv(path: Path, ledger: Ledger, raw_dir: Path, ehr: EhrRecords) -> None:
+    relative = str(path.relative_to(raw_dir))
+    kind = ehr_csv.MIMIC_TABLES[path.name]
+    rows, error = ehr_csv.read_csv_rows(path, ehr_csv.REQUIRED_COLUMNS[path.name])
+    if error is not None:
+        record = ledger.add(Record("file", f"file/{relative}", relative, files=(path,)))
+        ledger.quarantine(record, "missing_field", error)
+        return
+    for row in rows:
+        subject = (row.row or {}).get("subject_id")
+        record = ledger.add(Record(kind, f"{path.stem}@{relative}:{row.line_number}", f"{relative}:{row.line_number}",
+                                   patient_id=subject.strip() if kind == "patient" and subject else None,
+                                   raw_text=row.text))
+        if row.error is not None:
+            ledger.quarantine(record, "invalid_json", row.error)
+        else:
+            ehr.add(ledger, record, row.row, "csv")  # type: ignore[arg-type]
 
 
 def _apply(validation: TableValidation, by_id: dict[str, Record], ledger: Ledger) -> None:
@@ -192,29 +413,6 @@ def _apply(validation: TableValidation, by_id: dict[str, Record], ledger: Ledger
 
 
 # ------------------------------------------------------------------------------------------------ stage
-
-
-def _inventory(raw_dir: Path, ledger: Ledger) -> dict[str, list[Path]]:
-    """Sort the raw tree into DICOM candidates, masks, NDJSON, notes; anything else is a stray file."""
-    groups: dict[str, list[Path]] = {"imaging": [], "masks": [], "ehr": [], "notes": []}
-    for path in sorted(p for p in raw_dir.rglob("*") if p.is_file()):
-        relative = path.relative_to(raw_dir)
-        top = relative.parts[0]
-        if len(relative.parts) == 1 and relative.name in PROVENANCE_FILES:
-            continue
-        if top == "imaging":
-            groups["imaging"].append(path)
-        elif top == "masks" and path.name.endswith(".nii.gz") and len(relative.parts) == 2:
-            groups["masks"].append(path)
-        elif top == "ehr" and path.suffix == ".ndjson" and path.stem in EHR_RESOURCES:
-            groups["ehr"].append(path)
-        elif top == "notes" and path.suffix == ".txt" and len(relative.parts) == 2:
-            groups["notes"].append(path)
-        else:
-            record = ledger.add(Record("file", f"file/{relative}", str(relative), files=(path,)))
-            ledger.quarantine(record, "unexpected_file", f"{relative} is not part of the raw layout "
-                              "(imaging/, masks/, ehr/<Resource>.ndjson, notes/<patient>.txt)")
-    return groups
 
 
 def _html_summary(summary: dict[str, Any], tables: dict[str, TableValidation]) -> str:
@@ -236,12 +434,18 @@ def _html_summary(summary: dict[str, Any], tables: dict[str, TableValidation]) -
     )
 
 
+def _worker_count(configured: int) -> int:
+    return configured if configured > 0 else max(1, min(os.cpu_count() or 1, 8))
+
+
 def run_ingest(
     params: Params, raw_dir: Path, interim_dir: Path, quarantine_dir: Path, report_dir: Path
 ) -> IngestResult:
-    """Read, validate and quarantine the raw drop; write the interim manifest, images and masks."""
+    """Read, validate, quarantine and de-identify the raw drop; write the interim manifest, images, masks."""
     started = time.perf_counter()
-    raw_dir = Path(raw_dir)
+    from meddiff.data.s3 import stage_raw_dir  # s3://bucket/prefix: download to a local staging folder
+
+    raw_dir = stage_raw_dir(raw_dir)
     if not raw_dir.is_dir():
         raise FileNotFoundError(f"{raw_dir}: raw data directory not found; run `meddiff cohort` first")
     config = params.ingest
@@ -249,44 +453,64 @@ def run_ingest(
     unknown_classes = sorted(set(config.icd10_to_class.values()) - set(class_names))
     if unknown_classes:
         raise ValueError(f"ingest.icd10_to_class maps to {unknown_classes}, not in cohort.classes {class_names}")
+    key, key_source = resolve_key(config.deid_key_env, config.allow_ephemeral_key_for_synthetic, raw_dir)
+    pseudo = Pseudonymizer(key, config.deid_max_date_shift_days)
+    LOG.info("ingest: de-identification key %s", key_source)
     reference_date = datetime.date.fromisoformat(config.reference_date)
-    workers = max(1, min(os.cpu_count() or 1, 8))
+    workers = _worker_count(config.num_workers)
     ledger = Ledger()
-    groups = _inventory(raw_dir, ledger)
+    found = _inventory(raw_dir, ledger)
 
     with (
         atomic_dir(interim_dir) as interim,
         atomic_dir(quarantine_dir) as quarantine,
         atomic_dir(report_dir) as report,
     ):
-        images_dir, masks_dir = interim / "images", interim / "masks"
-        images_dir.mkdir()
-        masks_dir.mkdir()
+        images_dir, masks_dir, headers_dir = interim / "images", interim / "masks", interim / HEADERS_DIR
+        for directory in (images_dir, masks_dir, headers_dir):
+            directory.mkdir()
         # imaging first: worker processes fork before great-expectations is imported
-        series_table, series_records = _ingest_imaging(raw_dir, groups["imaging"], images_dir, ledger, workers)
-        LOG.info("ingest: %d DICOM files -> %d series (%.1f s)", len(groups["imaging"]), len(series_records),
-                 time.perf_counter() - started)
+        series_rows, series_records = _ingest_dicom(raw_dir, found.dicom, images_dir, ledger, workers, pseudo)
+        nifti_rows, nifti_records = _ingest_nifti(raw_dir, found.nifti_cases, images_dir, ledger,
+                                                  config.brats_channel, pseudo)
+        series_table = pd.DataFrame(series_rows + nifti_rows, columns=SERIES_COLUMNS)
+        LOG.info("ingest: %d DICOM files -> %d series, %d NIfTI cases (%.1f s)", len(found.dicom),
+                 len(series_records), len(nifti_records), time.perf_counter() - started)
+
+        ehr = EhrRecords()
+        for path in found.ndjson:
+            _ingest_ndjson(path, ledger, raw_dir, ehr)
+        for path in found.bundles:
+            _ingest_bundle(path, ledger, raw_dir, ehr)
+        for path in found.csv:
+            _ingest_csv(path, ledger, raw_dir, ehr)
 
         validator = TableValidator()
         tables: dict[str, TableValidation] = {}
-        parsed = {resource: [] for resource in EHR_RESOURCES}
-        for path in groups["ehr"]:
-            parsed[path.stem].extend(_ingest_ehr_file(path, path.stem, ledger, raw_dir))
+        by_id: dict[str, Record] = {}
 
         # Patient
-        patient_rows, by_id = [], {}
-        for record, resource in parsed["Patient"]:
+        patient_rows, identifiers = [], {}
+        for record, resource, fmt in ehr.items["patient"]:
             by_id[record.record_id] = record
-            patient_rows.append({RECORD_ID: record.record_id, **patient_row(resource, reference_date)})
+            if fmt == "csv":
+                row = ehr_csv.patient_row(resource, config.mimic_site)
+            else:
+                row = patient_row(resource, reference_date)
+                identifiers[record.record_id] = identifiers_from_patient(resource)
+            record.patient_id = row["patient_id"]
+            patient_rows.append({RECORD_ID: record.record_id, **row})
         patients = pd.DataFrame(patient_rows, columns=[RECORD_ID, "patient_id", "sex", "birth_date", "age", "site"])
         tables["patient"] = validator.validate("patient", patients, patient_rules(config.age_range))
         _apply(tables["patient"], by_id, ledger)
 
         # Observation
         lab_by_loinc = {code: lab for lab, codes in config.lab_loinc.items() for code in codes}
+        lab_by_itemid = {item: lab for lab, items in config.mimic_lab_itemids.items() for item in items}
         observation_rows = []
-        for record, resource in parsed["Observation"]:
-            row = observation_row(resource, lab_by_loinc, config.lab_units)
+        for record, resource, fmt in ehr.items["observation"]:
+            row = (ehr_csv.lab_row(resource, lab_by_itemid, config.lab_units) if fmt == "csv"
+                   else observation_row(resource, lab_by_loinc, config.lab_units))
             record.patient_id = row["patient_id"]
             by_id[record.record_id] = record
             observation_rows.append({RECORD_ID: record.record_id, **row})
@@ -301,8 +525,9 @@ def run_ingest(
 
         # Condition
         condition_rows = []
-        for record, resource in parsed["Condition"]:
-            row = condition_row(resource, config.icd10_to_class)
+        for record, resource, fmt in ehr.items["condition"]:
+            row = (ehr_csv.condition_row(resource, config.icd10_to_class) if fmt == "csv"
+                   else condition_row(resource, config.icd10_to_class))
             record.patient_id = row["patient_id"]
             by_id[record.record_id] = record
             condition_rows.append({RECORD_ID: record.record_id, **row})
@@ -310,30 +535,40 @@ def run_ingest(
         tables["condition"] = validator.validate("condition", conditions, condition_rules(class_names))
         _apply(tables["condition"], by_id, ledger)
 
-        # Notes
+        # Notes: text files and DocumentReference attachments
         note_rows = []
-        for path in groups["notes"]:
-            note = read_note(path)
+        for path in found.notes:
             relative = str(path.relative_to(raw_dir))
-            record = ledger.add(Record("note", f"note/{note.patient_id}", relative, patient_id=note.patient_id,
-                                       files=(path,)))
+            valid, text, _ = decode_note(path.read_bytes())
+            record = ledger.add(Record("note", f"note/{path.stem}", relative, patient_id=path.stem, files=(path,)))
             by_id[record.record_id] = record
-            note_rows.append({RECORD_ID: record.record_id, "patient_id": note.patient_id,
-                              "utf8_valid": note.utf8_valid, "text": note.text})
+            note_rows.append({RECORD_ID: record.record_id, "patient_id": path.stem, "utf8_valid": valid, "text": text})
+        for record, resource, _ in ehr.items["note"]:
+            patient_id, data, problem = document_note(resource)
+            record.patient_id = patient_id
+            if problem is not None:
+                reason, _, message = problem.partition(": ")
+                ledger.quarantine(record, reason, message)
+                continue
+            by_id[record.record_id] = record
+            valid, text, _ = decode_note(data or b"")
+            note_rows.append({RECORD_ID: record.record_id, "patient_id": patient_id, "utf8_valid": valid,
+                              "text": text})
         notes = pd.DataFrame(note_rows, columns=[RECORD_ID, "patient_id", "utf8_valid", "text"])
         tables["note"] = validator.validate("note", notes, note_rules(config.min_note_chars))
         _apply(tables["note"], by_id, ledger)
 
         # Image series (assembled ones)
-        by_series_id = {r.record_id: r for r in series_records.values()}
+        by_series_id = {r.record_id: r for r in [*series_records.values(), *nifti_records.values()]}
         tables["image_series"] = validator.validate(
-            "image_series", series_table.drop(columns=["shape", "affine", "spacing_mm"]), series_rules()
+            "image_series", series_table[[RECORD_ID, "patient_id", "series_uid", "n_slices", "hu_min", "hu_max"]],
+            series_rules()
         )
         _apply(tables["image_series"], by_series_id, ledger)
 
         manifest = _assemble_manifest(
             params, raw_dir, interim, ledger, patients, observations, conditions, notes, series_table,
-            by_series_id, groups["masks"],
+            found.masks, pseudo, identifiers,
         )
         manifest_path = interim / MANIFEST_FILE
         manifest.to_parquet(manifest_path, index=False)
@@ -348,6 +583,9 @@ def run_ingest(
             **summary,
             "manifest_patients": len(manifest),
             "modalities": {k: int(manifest[k].sum()) for k in ("has_image", "has_note", "has_labs")},
+            "ignored_bundle_entries": dict(sorted(ehr.ignored_entries.items())),
+            "deidentification": {"method": DEID_METHOD, "key": "environment" if key_source.startswith("environment")
+                                 else "ephemeral, derived from cohort.json (synthetic data only)"},
             "gx_suites": {
                 table: {"success": v.success, "rows": v.n_rows, "expectations": v.expectations}
                 for table, v in tables.items()
@@ -370,12 +608,13 @@ def run_ingest(
 def _assemble_manifest(
     params: Params, raw_dir: Path, interim: Path, ledger: Ledger, patients: pd.DataFrame,
     observations: pd.DataFrame, conditions: pd.DataFrame, notes: pd.DataFrame, series_table: pd.DataFrame,
-    series_by_id: dict[str, Record], mask_paths: list[Path],
+    mask_paths: list[Path], pseudo: Pseudonymizer, identifiers: dict[str, PatientIdentifiers],
 ) -> pd.DataFrame:
-    """Patient-level decisions: labels, modalities, masks, orphans; one manifest row per patient."""
+    """Patient-level decisions (labels, modalities, masks, orphans) and de-identification; one row per patient."""
     accepted_ids = {r.record_id for r in ledger.records if r.accepted}
     record_by_id = {r.record_id: r for r in ledger.records}
     labs = list(params.ingest.lab_units)
+    max_age = params.ingest.deid_max_age
 
     patient_ok = patients[patients[RECORD_ID].isin(accepted_ids)].set_index("patient_id")
     condition_ok = conditions[conditions[RECORD_ID].isin(accepted_ids)]
@@ -392,14 +631,16 @@ def _assemble_manifest(
     observation_ok = observations[observations[RECORD_ID].isin(accepted_ids)]
     # several values of one lab: the median (robust to a repeated measurement)
     lab_values = observation_ok.pivot_table(index="patient_id", columns="lab", values="value", aggfunc="median")
-    note_ok = notes[notes[RECORD_ID].isin(accepted_ids)].set_index("patient_id")
+    note_ok = notes[notes[RECORD_ID].isin(accepted_ids)].sort_values(RECORD_ID)
+    note_text = {str(pid): " ".join(normalise_note(str(t)) for t in group["text"])
+                 for pid, group in note_ok.groupby("patient_id")}
     series_ok = series_table[series_table[RECORD_ID].isin(accepted_ids)].set_index("patient_id")
 
     rows = []
     for patient_id, patient in patient_ok.iterrows():
         record = record_by_id[patient[RECORD_ID]]
         has_image = patient_id in series_ok.index
-        has_note = patient_id in note_ok.index
+        has_note = patient_id in note_text
         has_labs = patient_id in lab_values.index and bool(lab_values.loc[patient_id].notna().any())
         if patient_id not in labels:
             ledger.quarantine(record, "missing_label", f"patient {patient_id} has no accepted Condition "
@@ -408,29 +649,43 @@ def _assemble_manifest(
         if not (has_image or has_note or has_labs):
             ledger.quarantine(record, "no_modality", f"patient {patient_id} has no accepted image, note or labs")
             continue
+        pseudonym = pseudo.pseudonym(str(patient_id))
         row: dict[str, Any] = {
-            "patient_id": patient_id, "site": patient["site"], "label": labels[patient_id],
-            "age": float(patient["age"]), "sex": patient["sex"],
+            "patient_id": pseudonym, "raw_id": patient_id, "site": patient["site"], "label": labels[patient_id],
+            "age": cap_age(float(patient["age"]), max_age), "sex": patient["sex"],
         }
         for lab in labs:
             value = lab_values.loc[patient_id, lab] if has_labs and lab in lab_values.columns else np.nan
             row[lab] = float(value)
-        row["note"] = normalise_note(str(note_ok.loc[patient_id, "text"])) if has_note else None
+        who = identifiers.get(patient[RECORD_ID], PatientIdentifiers(str(patient_id)))
         row["image_path"] = None
         row["series_instance_uid"] = None
+        row["mask_path"] = None
         if has_image:
             series = series_ok.loc[patient_id]
-            target = interim / "images" / f"{patient_id}.nii.gz"
-            os.replace(interim / "images" / f"{series['series_uid']}.nii.gz", target)
+            source = interim / "images" / f"{pseudo.uid(series['series_uid'])}.nii.gz"
+            target = interim / "images" / f"{pseudonym}.nii.gz"
+            os.replace(source, target)
             row["image_path"] = str(target.relative_to(interim))
-            row["series_instance_uid"] = series["series_uid"]
-        row.update(has_image=has_image, has_note=has_note, has_labs=has_labs, mask_path=None)
+            row["series_instance_uid"] = pseudo.uid(series["series_uid"])
+            if isinstance(series["names"], tuple | list) and series["names"]:
+                who = who.merged(PatientIdentifiers(str(patient_id), names=tuple(series["names"])))
+            if isinstance(series["header"], dict):
+                write_json(interim / HEADERS_DIR / f"{pseudonym}.json", series["header"])
+            if isinstance(series["mask_file"], str):
+                os.replace(interim / "images" / series["mask_file"], interim / "masks" / f"{pseudonym}.nii.gz")
+                row["mask_path"] = f"masks/{pseudonym}.nii.gz"
+        row["note"] = deidentify_text(note_text[patient_id], who) if has_note else None
+        row.update(has_image=has_image, has_note=has_note, has_labs=has_labs)
         rows.append(row)
     manifest = pd.DataFrame(rows, columns=[
-        "patient_id", "site", "label", "age", "sex", *labs, "note", "image_path", "series_instance_uid",
+        "patient_id", "raw_id", "site", "label", "age", "sex", *labs, "note", "image_path", "series_instance_uid",
         "has_image", "has_note", "has_labs", "mask_path",
     ])
-    in_manifest = set(manifest["patient_id"])
+    if not manifest["patient_id"].is_unique:
+        raise RuntimeError("two patients share a pseudonym (HMAC truncation collision); widen the pseudonym")
+    in_manifest = set(manifest["raw_id"])
+    pseudonym_of = dict(zip(manifest["raw_id"], manifest["patient_id"], strict=True))
 
     # lesion masks: need an accepted image of the same geometry
     geometry = {pid: (tuple(s["shape"]), np.asarray(s["affine"])) for pid, s in series_ok.iterrows()}
@@ -459,9 +714,11 @@ def _assemble_manifest(
         if not np.isin(np.unique(data), [0, 1]).all():
             ledger.quarantine(record, "invalid_mask", f"mask values {np.unique(data)[:5]} are not binary")
             continue
-        shutil.copyfile(path, interim / "masks" / f"{patient_id}.nii.gz")
-        mask_rows[patient_id] = f"masks/{patient_id}.nii.gz"
-    manifest["mask_path"] = manifest["patient_id"].map(mask_rows)
+        pseudonym = pseudonym_of[patient_id]
+        _save_nifti(data.astype(np.uint8), np.asarray(mask.affine), interim / "masks" / f"{pseudonym}.nii.gz")
+        mask_rows[pseudonym] = f"masks/{pseudonym}.nii.gz"
+    if mask_rows:
+        manifest["mask_path"] = manifest["patient_id"].map(mask_rows).fillna(manifest["mask_path"])
 
     # orphans: every still-accepted record of a patient that is not in the manifest
     patient_reasons = {r.patient_id: r.reason for r in ledger.of_kind("patient") if r.patient_id}
@@ -471,6 +728,7 @@ def _assemble_manifest(
         why = patient_reasons.get(record.patient_id)
         detail = f"its Patient was quarantined ({why})" if why else "no Patient resource has this id"
         ledger.quarantine(record, "orphan_record", f"record of patient {record.patient_id}: {detail}")
-    for series_uid in series_table["series_uid"]:  # NIfTI of series that were assembled but not kept
-        (interim / "images" / f"{series_uid}.nii.gz").unlink(missing_ok=True)
+    for leftover in (interim / "images").glob("2.25.*"):  # assembled series that were not kept
+        leftover.unlink()
+    manifest = manifest.drop(columns=["raw_id"])
     return manifest.sort_values("patient_id").reset_index(drop=True)

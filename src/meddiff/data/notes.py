@@ -1,4 +1,4 @@
-"""Free-text clinical notes: one UTF-8 text file per patient, ``notes/<patient>.txt``."""
+"""Free-text clinical notes: ``notes/<patient>.txt`` or FHIR DocumentReference attachments, UTF-8."""
 
 from __future__ import annotations
 
@@ -17,14 +17,18 @@ class NoteFile:
     error: str | None = None
 
 
+def decode_note(data: bytes) -> tuple[bool, str, str | None]:
+    """``(utf8_valid, text, error)``: strict UTF-8 (RFC 3629, a BOM is accepted)."""
+    try:
+        return True, data.decode("utf-8-sig").strip(), None
+    except UnicodeDecodeError as error:
+        return False, "", f"byte {error.start}: {error.reason}"
+
+
 def read_note(path: Path) -> NoteFile:
     """Read a note strictly as UTF-8 (a BOM is accepted); invalid bytes leave ``text`` empty."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        return NoteFile(path.stem, path, False, "", f"byte {error.start}: {error.reason}")
-    return NoteFile(path.stem, path, True, text.strip())
+    valid, text, error = decode_note(path.read_bytes())
+    return NoteFile(path.stem, path, valid, text, error)
 
 
 def normalise_note(text: str) -> str:

@@ -1,8 +1,11 @@
 """``meddiff preprocess``: interim manifest + NIfTI -> the processed-data contract (:mod:`.dataset`).
 
 1. patient-level stratified splits (label × site, :mod:`.splits`);
-2. images through MONAI dictionary transforms (:mod:`.transforms`); no image → zeros, absent flag;
-3. note tokenizer fitted on the training split's notes only (:mod:`.tokenizer`);
+2. images through MONAI dictionary transforms (:mod:`.transforms`), cached by a MONAI
+   ``PersistentDataset`` in ``preprocess.cache_dir`` keyed by the files' content and the transform
+   parameters (a later run loads instead of recomputing); no image → zeros, absent flag;
+3. note tokenizer fitted on the training split's notes only (:mod:`.tokenizer`), or a pretrained one
+   from ``preprocess.pretrained_tokenizer``;
 4. tabular features (canonical labs, age, sex): training-split median imputation and training-split
    mean/std standardisation, with ``tabular_missing`` flags;
 5. ``arrays.npz`` + ``meta.json`` via :func:`meddiff.data.dataset.save_processed`, ``tokenizer.json``,
@@ -11,6 +14,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import sys
 import time
@@ -27,7 +32,7 @@ from meddiff.config import Params
 from meddiff.data.dataset import SPLITS, TOKENIZER_FILE, save_processed
 from meddiff.data.ingest import MANIFEST_FILE
 from meddiff.data.splits import assert_stratified, stratified_split
-from meddiff.data.tokenizer import SPECIAL_TOKENS, encode_notes, train_note_tokenizer
+from meddiff.data.tokenizer import SPECIAL_TOKENS, encode_notes, load_pretrained_tokenizer, train_note_tokenizer
 from meddiff.data.transforms import IMAGE_KEY, MASK_KEY, image_transforms
 from meddiff.io import atomic_dir, atomic_file, write_json
 
@@ -95,6 +100,32 @@ def fit_tabular_scaler(train: pd.DataFrame, units: list[str]) -> TabularScaler:
     return TabularScaler(list(train.columns), units, median, mean, std)
 
 
+CACHE_KEY = "cache_key"
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _transform_digest(params: Params, with_mask: bool) -> str:
+    """What the cached output depends on besides the input files: transform params and MONAI version."""
+    import monai
+
+    config = params.preprocess
+    payload = {"spatial_size": list(config.spatial_size), "pixdim_mm": list(config.pixdim_mm),
+               "hu_window": list(config.hu_window), "with_mask": with_mask, "monai": monai.__version__,
+               "transforms": 2}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_hash(item: dict[str, Any]) -> bytes:
+    return item[CACHE_KEY].encode()
+
+
 def _images(manifest: pd.DataFrame, interim_dir: Path, params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     config = params.preprocess
     n = len(manifest)
@@ -102,20 +133,41 @@ def _images(manifest: pd.DataFrame, interim_dir: Path, params: Params) -> tuple[
     images = np.zeros(shape, dtype=np.float16)
     masks = np.zeros(shape, dtype=np.uint8)
     has_mask = np.zeros(n, dtype=bool)
-    with_mask = image_transforms(config, with_mask=True)
-    without_mask = image_transforms(config, with_mask=False)
-    rows = manifest[["image_path", "mask_path"]].itertuples(index=False)
-    for i, (image_path, mask_path) in enumerate(tqdm(rows, total=n, desc="preprocess images",
-                                                     disable=not sys.stderr.isatty())):
+    groups: dict[bool, tuple[list[int], list[dict[str, Any]]]] = {True: ([], []), False: ([], [])}
+    for i, (image_path, mask_path) in enumerate(manifest[["image_path", "mask_path"]].itertuples(index=False)):
         if not isinstance(image_path, str):
             continue
-        if isinstance(mask_path, str):
-            item = with_mask({IMAGE_KEY: str(interim_dir / image_path), MASK_KEY: str(interim_dir / mask_path)})
-            masks[i] = (np.asarray(item[MASK_KEY]) > 0.5).astype(np.uint8)
-            has_mask[i] = True
+        with_mask = isinstance(mask_path, str)
+        item = {IMAGE_KEY: str(interim_dir / image_path)}
+        if with_mask:
+            item[MASK_KEY] = str(interim_dir / mask_path)
+        if config.cache_dir is not None:  # content, not path: interim files are rewritten by every ingest
+            parts = [_file_digest(Path(item[k])) for k in (IMAGE_KEY, MASK_KEY) if k in item]
+            item[CACHE_KEY] = hashlib.sha256("|".join([*parts, _transform_digest(params, with_mask)]).encode()
+                                             ).hexdigest()
+        groups[with_mask][0].append(i)
+        groups[with_mask][1].append(item)
+    progress = tqdm(total=sum(len(rows) for rows, _ in groups.values()), desc="preprocess images",
+                    disable=not sys.stderr.isatty())
+    for with_mask, (rows, items) in groups.items():
+        if not rows:
+            continue
+        transform = image_transforms(config, with_mask=with_mask)
+        from monai.data import Dataset, PersistentDataset
+
+        if config.cache_dir is not None:
+            Path(config.cache_dir).mkdir(parents=True, exist_ok=True)
+            dataset: Any = PersistentDataset(items, transform, cache_dir=config.cache_dir, hash_func=_cache_hash)
         else:
-            item = without_mask({IMAGE_KEY: str(interim_dir / image_path)})
-        images[i] = np.asarray(item[IMAGE_KEY], dtype=np.float16)
+            dataset = Dataset(items, transform)  # lazy: one item transformed per index
+        for i, index in enumerate(rows):
+            out = dataset[i]
+            images[index] = np.asarray(out[IMAGE_KEY], dtype=np.float16)
+            if with_mask:
+                masks[index] = (np.asarray(out[MASK_KEY]) > 0.5).astype(np.uint8)
+                has_mask[index] = True
+            progress.update()
+    progress.close()
     return images, masks, has_mask
 
 
@@ -185,7 +237,10 @@ def run_preprocess(params: Params, interim_dir: Path, processed_dir: Path, repor
 
     notes = [n if isinstance(n, str) and n else None for n in manifest["note"]]
     train_notes = [n for n, t in zip(notes, train, strict=True) if t and n]
-    tokenizer = train_note_tokenizer(train_notes, config.vocab_size, config.max_note_tokens)
+    if config.pretrained_tokenizer is not None:
+        tokenizer = load_pretrained_tokenizer(config.pretrained_tokenizer, config.max_note_tokens)
+    else:
+        tokenizer = train_note_tokenizer(train_notes, config.vocab_size, config.max_note_tokens)
     token_ids, token_mask = encode_notes(tokenizer, notes, config.max_note_tokens)
 
     labs = list(params.ingest.lab_units)
@@ -218,7 +273,8 @@ def run_preprocess(params: Params, interim_dir: Path, processed_dir: Path, repor
         "class_names": class_names,
         "modalities": list(MODALITIES),
         "vocab_size": int(tokenizer.get_vocab_size()),
-        "special_tokens": {token: i for i, token in enumerate(SPECIAL_TOKENS)},
+        "special_tokens": {token: int(tokenizer.token_to_id(token)) for token in SPECIAL_TOKENS},
+        "tokenizer": str(config.pretrained_tokenizer) if config.pretrained_tokenizer else "fitted on training notes",
         "max_note_tokens": config.max_note_tokens,
         "spatial_size": list(config.spatial_size),
         "pixdim_mm": list(config.pixdim_mm),

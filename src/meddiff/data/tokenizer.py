@@ -47,6 +47,28 @@ def encode_notes(tokenizer: Tokenizer, notes: Sequence[str | None], max_tokens: 
     return ids, mask
 
 
+def load_pretrained_tokenizer(path: str | Path, max_tokens: int) -> Tokenizer:
+    """A pretrained ``tokenizer.json`` (e.g. a clinical WordPiece vocabulary) prepared like a fitted one.
+
+    The processed contract and the model need the four special tokens at ids 0..3 in the order of
+    :data:`SPECIAL_TOKENS` (``[PAD]`` = 0 pads); a tokenizer that puts them elsewhere is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"preprocess.pretrained_tokenizer: {path} not found (a tokenizers tokenizer.json)")
+    tokenizer = Tokenizer.from_file(str(path))
+    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    if [ids[token] for token in SPECIAL_TOKENS] != list(range(len(SPECIAL_TOKENS))):
+        raise ValueError(f"preprocess.pretrained_tokenizer {path}: special tokens must have ids "
+                         f"{dict(zip(SPECIAL_TOKENS, range(len(SPECIAL_TOKENS)), strict=True))}, got {ids}")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{CLS} $A {SEP}", special_tokens=[(CLS, ids[CLS]), (SEP, ids[SEP])]
+    )
+    tokenizer.enable_truncation(max_length=max_tokens)
+    tokenizer.enable_padding(pad_id=0, pad_token=PAD, length=max_tokens)
+    return tokenizer
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load ``tokenizer.json`` written by ``preprocess``."""
     return Tokenizer.from_file(str(path))

@@ -7,6 +7,8 @@ The pipeline reads as its steps: load (NibabelReader) → channel first → RAS 
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 from meddiff.config import PreprocessConfig
@@ -15,8 +17,16 @@ IMAGE_KEY = "image"
 MASK_KEY = "lesion_mask"
 
 
+def quiet_monai_import() -> None:
+    """MONAI 1.6 announces at import that the (GPU-only) nvImageCodec DICOM plug-in is absent; we read
+    DICOM with pydicom ourselves, so that notice is noise."""
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+
+
 def image_transforms(config: PreprocessConfig, with_mask: bool = True) -> Any:
     """A ``monai.transforms.Compose`` over ``{"image": path[, "lesion_mask": path]}``."""
+    quiet_monai_import()
     from monai.transforms import (
         Compose,
         EnsureChannelFirstd,
@@ -38,5 +48,6 @@ def image_transforms(config: PreprocessConfig, with_mask: bool = True) -> Any:
         Spacingd(keys=keys, pixdim=config.pixdim_mm, mode=modes),
         ScaleIntensityRanged(keys=IMAGE_KEY, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
         ResizeWithPadOrCropd(keys=keys, spatial_size=config.spatial_size),
-        EnsureTyped(keys=keys, data_type="numpy", track_meta=False),
+        # plain tensors (no MetaTensor): what a PersistentDataset can reload with torch.load(weights_only=True)
+        EnsureTyped(keys=keys, data_type="tensor", track_meta=False),
     ])

@@ -123,6 +123,10 @@ def patient_rules(age_range: tuple[int, int]) -> list[Rule]:
     return [
         Rule("ExpectColumnValuesToNotBeNull", {"column": "patient_id"}, "missing_field",
              "Patient.id is missing"),
+        Rule("ExpectColumnValuesToMatchRegex", {"column": "patient_id", "regex": r"^[A-Za-z0-9\-\.]{1,64}$"},
+             "invalid_id", "Patient.id {value!r} is not a FHIR id ([A-Za-z0-9-.]{{1,64}})"),
+        Rule("ExpectColumnValuesToNotMatchRegex", {"column": "patient_id", "regex": r"\.\."}, "invalid_id",
+             "Patient.id {value!r} contains '..' (a path trick)"),
         Rule("ExpectColumnValuesToBeUnique", {"column": "patient_id"}, "duplicate_id",
              "Patient.id {value} appears in more than one (differing) Patient resource"),
         Rule("ExpectColumnValuesToBeInSet",

@@ -34,6 +34,24 @@ def predict_proba(
 
 
 @torch.no_grad()
+def encode_latent_stacks(
+    model: MedDiffModel, data: ProcessedDataset, index: np.ndarray, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The diffused latent stacks [z, h_image, h_text, h_tabular] (N, 1 + M, d) with every present
+    modality in use, and which channels are known (N, 1 + M): absent modalities have no latent."""
+    model.eval()
+    index = np.asarray(index)
+    stacks, known = [], []
+    for start in range(0, len(index), batch_size):
+        batch = to_batch(data, index[start : start + batch_size])
+        output = model({k: batch[k] for k in MODEL_INPUTS}, batch["present"])
+        stacks.append(torch.cat([output.z.unsqueeze(1), output.modality_latents], dim=1))
+        known.append(torch.cat([torch.ones_like(batch["present"][:, :1]), batch["present"]], dim=1))
+    stack, mask = torch.cat(stacks), torch.cat(known)
+    return stack * mask.unsqueeze(-1), mask
+
+
+@torch.no_grad()
 def encode_latents(model: MedDiffModel, data: ProcessedDataset, index: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Fused latents z (N, d) with every present modality in use."""
     model.eval()

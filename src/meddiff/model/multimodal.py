@@ -22,7 +22,7 @@ from meddiff.config import DiffusionConfig, ModelConfig
 from meddiff.model.decoders import ImageDecoder, KeywordDecoder, TabularDecoder
 from meddiff.model.diffusion import LatentDiffusion
 from meddiff.model.encoders import ImageEncoder, TabularEncoder, TextEncoder
-from meddiff.model.fusion import CrossModalFusion
+from meddiff.model.fusion import ConcatFusion, CrossModalFusion
 from meddiff.model.ontology import NO_TERM, load_terms
 
 
@@ -37,12 +37,14 @@ class ModelSpec:
     spatial_size: tuple[int, int, int]
     model: ModelConfig
     diffusion: DiffusionConfig
+    modalities: tuple[str, ...] = MODALITIES  # the modalities this model may use
 
     def to_dict(self) -> dict:
         payload = asdict(self)
         payload["model"] = self.model.model_dump(mode="json")
         payload["diffusion"] = self.diffusion.model_dump(mode="json")
         payload["spatial_size"] = list(self.spatial_size)
+        payload["modalities"] = list(self.modalities)
         return payload
 
     @classmethod
@@ -55,6 +57,7 @@ class ModelSpec:
             spatial_size=tuple(int(s) for s in payload["spatial_size"]),
             model=ModelConfig.model_validate(payload["model"]),
             diffusion=DiffusionConfig.model_validate(payload["diffusion"]),
+            modalities=tuple(payload.get("modalities", MODALITIES)),
         )
 
 
@@ -62,7 +65,7 @@ class ModelSpec:
 class ModelOutput:
     logits: torch.Tensor  # (B, classes)
     z: torch.Tensor  # (B, d)
-    attention: torch.Tensor  # (B, heads, M, T) fusion weights α_ij
+    attention: torch.Tensor | None  # (B, heads, M, T + 1) fusion weights α_ij (None for concat fusion)
     token_slices: dict[str, slice]  # which key tokens belong to which modality
     modality_latents: torch.Tensor  # (B, M, d) LayerNorm-ed h_i, as diffused
     text_attentions: tuple[torch.Tensor, ...] | None = None  # per layer (B, heads, L, L)
@@ -79,7 +82,16 @@ class MedDiffModel(nn.Module):
             spec.vocab_size, spec.max_note_tokens, d, cfg.text_layers, cfg.text_heads, cfg.dropout
         )
         self.tabular_encoder = TabularEncoder(spec.n_tabular, d, cfg.tabular_hidden, cfg.dropout)
-        self.fusion = CrossModalFusion(d, cfg.n_heads, len(MODALITIES), cfg.dropout)
+        if cfg.fusion == "concat":
+            self.fusion: nn.Module = ConcatFusion(d, len(MODALITIES), cfg.dropout)
+        else:
+            self.fusion = CrossModalFusion(d, cfg.n_heads, len(MODALITIES), cfg.dropout)
+        unknown = set(spec.modalities) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"unknown modalities {sorted(unknown)}; known: {list(MODALITIES)}")
+        self.register_buffer(
+            "allowed_modalities", torch.tensor([m in spec.modalities for m in MODALITIES]), persistent=False
+        )
         self.latent_norm = nn.LayerNorm(d, elementwise_affine=False)
         self.classifier = nn.Sequential(
             nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, spec.n_classes)
@@ -110,7 +122,9 @@ class MedDiffModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> ModelOutput:
         """Diagnose from the modalities in ``modality_used``; with ``impute_missing`` the latent of
-        each unused modality is inpainted by the latent diffusion model from the used ones."""
+        each unused modality is inpainted by the latent diffusion model from the used ones. Modalities
+        outside ``spec.modalities`` are never used."""
+        modality_used = modality_used & self.allowed_modalities
         image = self.image_encoder(batch["image"])
         text, text_attentions = self.text_encoder(batch["token_ids"], batch["token_mask"], output_attentions)
         tabular = self.tabular_encoder(batch["tabular"], batch["tabular_missing"])

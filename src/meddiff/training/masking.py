@@ -16,22 +16,57 @@ def sample_modality_mask(
     """Return ``used`` (B, M): present and not masked, with at least one True per row.
 
     Args:
-        present: (B, M) bool, modalities available in the data (each row has at least one).
+        present: (B, M) bool, modalities available (a row with none stays empty).
         p: probability of masking each present modality, in [0, 1).
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"masking probability must be in [0, 1), got {p}")
-    if not bool(present.any(dim=1).all()):
-        raise ValueError("every patient needs at least one present modality")
     if p == 0.0:
         return present.clone()
     keep = torch.rand(present.shape, generator=generator) >= p
     used = present & keep.to(present.device)
-    empty = ~used.any(dim=1)
+    empty = ~used.any(dim=1) & present.any(dim=1)
     if bool(empty.any()):
         # Choose one present modality per emptied row, uniformly.
         scores = torch.rand(present.shape, generator=generator).to(present.device)
         scores = scores.masked_fill(~present, -1.0)
         rescue = torch.nn.functional.one_hot(scores.argmax(dim=1), present.shape[1]).bool()
         used = torch.where(empty.unsqueeze(1), rescue, used)
+    return used
+
+
+def mask_exact_fraction(
+    present: torch.Tensor, fraction: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Mask exactly ``round(fraction · S)`` of the S present (patient, modality) slots, chosen
+    uniformly at random, while every patient keeps at least one modality.
+
+    When the fraction asks for more than that allows (S − patients slots at most, e.g. above 2/3 when
+    everyone has all three modalities), every maskable slot is masked; the caller reports the
+    fraction actually reached.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    used = present.clone()
+    slots = torch.nonzero(present, as_tuple=False)  # (S, 2) rows of (patient, modality)
+    target = round(fraction * len(slots))
+    remaining = present.sum(dim=1)
+    masked = 0
+    for slot in torch.randperm(len(slots), generator=generator).tolist():
+        if masked >= target:
+            break
+        patient, modality = slots[slot].tolist()
+        if remaining[patient] > 1:
+            used[patient, modality] = False
+            remaining[patient] -= 1
+            masked += 1
+    return used
+
+
+def drop_modality(present: torch.Tensor, modality: int) -> torch.Tensor:
+    """Remove one modality from every patient that has another one left (patients with only that
+    modality keep it: nothing else could be predicted from)."""
+    used = present.clone()
+    has_other = (present.sum(dim=1) - present[:, modality].long()) > 0
+    used[has_other, modality] = False
     return used

@@ -1,4 +1,5 @@
-"""The training objective (proposal §3.3): L = L_diff + λ_cls·L_cls + λ_recon·L_recon.
+"""The training objective (proposal §3.3): L = λ_diff·L_diff + λ_cls·L_cls + λ_recon·L_recon (λ_diff = 1
+in the proposal; 0 gives the classifier-only ablation).
 
 * L_cls: cross-entropy of the classifier head on z, optionally inverse-frequency class weighted so
   the rare disease is not ignored;
@@ -90,7 +91,7 @@ def compute_losses(
     loss_keywords = _masked_mean(kw_error, has_text)
     loss_recon = loss_image + loss_tabular + loss_keywords
 
-    total = loss_diff + config.lambda_cls * loss_cls + config.lambda_recon * loss_recon
+    total = config.lambda_diff * loss_diff + config.lambda_cls * loss_cls + config.lambda_recon * loss_recon
     return LossBreakdown(total=total, cls=loss_cls, diff=loss_diff, recon=loss_recon)
 
 

@@ -43,6 +43,7 @@ from meddiff.model.multimodal import MedDiffModel, ModelSpec
 from meddiff.model.ontology import token_term_index
 from meddiff.training.batches import MODEL_INPUTS, iterate_batches, to_batch
 from meddiff.training.checkpoint import load_model, load_training_state, save_model, save_training_state
+from meddiff.training.latent_diffusion import refine_latent_diffusion
 from meddiff.training.masking import sample_modality_mask
 from meddiff.training.objective import TrainingObjective, class_weights
 
@@ -130,6 +131,7 @@ def build_model(data: ProcessedDataset, params: Params) -> MedDiffModel:
         spatial_size=tuple(int(s) for s in data.arrays["image"].shape[2:]),
         model=params.train.model,
         diffusion=params.train.diffusion,
+        modalities=tuple(params.train.modalities),
     )
     model = MedDiffModel(spec)
     model.set_token_terms(token_term_index(data.vocabulary, spec.vocab_size))
@@ -247,7 +249,8 @@ def train_model(
         batches = iterate_batches(data, order[state.step_in_epoch * config.batch_size :], config.batch_size,
                                   shuffle=False, device=device)
         for batch in batches:
-            used = sample_modality_mask(batch["present"].cpu(), p, mask_generator).to(device)
+            allowed = model.allowed_modalities.cpu()
+            used = sample_modality_mask(batch["present"].cpu() & allowed, p, mask_generator).to(device)
             with autocast:
                 losses = objective(batch, used)
             optimizer.zero_grad(set_to_none=True)
@@ -335,9 +338,11 @@ def _train_and_register(
         mlflow.log_params({"data.n_train": len(data.indices("train")), "data.n_val": len(data.indices("val"))})
         model, state, resumed_from = train_model(params, data, checkpoint_dir, log_metrics=mlflow.log_metrics)
         model = model.cpu()
+        refine_losses = refine_latent_diffusion(model, data, params, log_metrics=mlflow.log_metrics)
         train_seconds = time.perf_counter() - started
         save_model(model, staging)
         write_json(staging / HISTORY_FILE, state.history)
+        write_json(staging / "diffusion_refine_history.json", refine_losses)
 
         batch = to_batch(data, data.indices("val")[:2])
         input_example = {k: batch[k].numpy() for k in MODEL_INPUTS}

@@ -57,7 +57,12 @@ def run_preprocess(params: Params, interim_dir: Path, processed_dir: Path, repor
 
 def run_train(params: Params, processed_dir: Path, model_dir: Path) -> dict[str, Any]:
     patients = _read(processed_dir, "meta.json")["patients"]
-    run = {"epochs": params.train.epochs, "patients": patients, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
+    run = {
+        "epochs": params.train.epochs,
+        "patients": patients,
+        "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
+        "data_version": os.environ.get("MEDDIFF_DATA_VERSION"),
+    }
     _write(model_dir, "run.json", run)
     return run
 
