@@ -20,6 +20,8 @@ from meddiff.config import Params, TrackingConfig
 LOG = logging.getLogger(__name__)
 CANDIDATE_ALIAS = "candidate"
 CHAMPION_ALIAS = "champion"
+#: environment variables set by the pipeline shells, recorded as run tags when present
+ENVIRONMENT_TAGS = {"MEDDIFF_PIPELINE_RUN": "meddiff.pipeline_run", "MEDDIFF_DATA_VERSION": "meddiff.data_version"}
 
 
 def tracking_uri(config: TrackingConfig) -> str:
@@ -70,7 +72,7 @@ def run_tags(params: Params, data_file: Path | None) -> dict[str, str]:
     tags = {"meddiff.git_commit": git_commit(), "meddiff.params_hash": params.digest()}
     if data_file is not None and data_file.is_file():
         tags["meddiff.data_md5"] = file_digest(data_file)
-    for variable, tag in (("MEDDIFF_PIPELINE_RUN", "meddiff.pipeline_run"), ("MEDDIFF_DATA_VERSION", "meddiff.data_version")):
+    for variable, tag in ENVIRONMENT_TAGS.items():
         if os.environ.get(variable):
             tags[tag] = os.environ[variable]
     return tags
