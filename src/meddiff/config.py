@@ -280,6 +280,15 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     masking_rates: list[Fraction] = [0.0, 0.2, 0.4, 0.6, 0.8]
     n_repeats: PositiveInt = 3
+    n_bootstrap: PositiveInt = 500
+    rare_classes: list[str] | None = None
+    subgroup_site: str | None = None
+    registry_gate: bool = True
+    suite: list[str] = [
+        "full", "no_masking", "concat_fusion", "classifier_only", "no_ontology", "no_imputation",
+        "image_only", "text_only", "tabular_only", "late_fusion", "diffmic",
+    ]
+    suite_epochs: PositiveInt | None = None
 
 
 class GenerateConfig(_Section):

@@ -68,8 +68,10 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     assert validation["records_in"] == validation["accepted"] + validation["quarantined"]
     assert validation["quarantined"] > 0  # the cohort injects bad records on purpose
     metrics = json.loads((work / "reports/evaluate/metrics.json").read_text())
-    assert 0.0 <= metrics["test"]["auc_macro"] <= 1.0
-    assert len(metrics["robustness"]) == 5
+    assert 0.0 <= metrics["test"]["auc_macro"]["value"] <= 1.0
+    random_rows = [r for r in metrics["robustness"] if r["scenario"] == "random"]
+    assert sorted({r["masking_rate"] for r in random_rows}) == [0.0, 0.2, 0.4, 0.6, 0.8]
+    assert metrics["registry_gate"]["promoted"] is True  # the first version becomes champion
     assert (work / "reports/evaluate/robustness.csv").is_file()
     assert json.loads((work / "reports/generate/metrics.json").read_text())["n_synthetic"] == 8
     assert (work / "reports/explain/index.html").is_file()

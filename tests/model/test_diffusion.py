@@ -31,7 +31,7 @@ def test_loss_is_finite_and_trains() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert float(loss) < first
+    assert float(loss.detach()) < first
 
 
 def test_sample_shape_and_determinism() -> None:

@@ -6,32 +6,41 @@ image. What is kept and what is dropped:
 
 * **label as the sample.** y_0 = 2 · onehot(y) − 1 ∈ {−1, +1}^K (the one-hot scaled to the range of
   the Gaussian prior, as for the images of Ho et al. 2020, §3.3);
-* **forward process** (Ho et al. 2020, eq. 4) q(y_t | y_0) = N(√ᾱ_t y_0, (1 − ᾱ_t) I) with MONAI's
+* **prior guidance.** DiffMIC's dual-granularity conditional guidance (a global and a local ROI
+  prior network) plus its maximum-mean-discrepancy regulariser are reduced to one auxiliary linear
+  head on c, trained with cross-entropy weighted by λ (``prior_weight``). As in DiffMIC (after CARD,
+  Han et al. 2022), its guess ŷ = 2 · softmax(W c) − 1 is the mean the forward process ends at,
+  q(y_t | y_0, x) = N(√ᾱ_t y_0 + (1 − √ᾱ_t) ŷ, (1 − ᾱ_t) I), and it is also fed to the denoiser.
+  For a fixed ŷ that is the plain DDPM process on the residual r = y − ŷ, so MONAI's schedulers run
+  unchanged on r; ``prior_mean=False`` sets ŷ = 0 (plain DDPM on y, ending at N(0, I)). On the toy
+  data of the tests the prior mean is what lets a short CPU training beat chance (see the report);
+* **forward process** (Ho et al. 2020, eq. 4) q(r_t | r_0) = N(√ᾱ_t r_0, (1 − ᾱ_t) I) with MONAI's
   ``DDPMScheduler.add_noise``: linear betas, ``clip_sample=False``. The DDPM range β ∈ [1e-4, 0.02]
   is meant for T = 1000; it is scaled by 1000 / T (Nichol & Dhariwal 2021, §3.2, capped at 0.999)
   so that ᾱ_T ≈ 0 also for the short chains a CPU run affords (T = 50 would otherwise end at
-  ᾱ_T ≈ 0.6, far from the N(0, I) that sampling starts from);
-* **denoiser** ε_θ(y_t, t, c): an MLP over y_t with residual blocks modulated by FiLM
-  (Perez et al. 2018), whose scale and shift come from the sum of an embedding of the image
-  condition c and a sinusoidal embedding of t (Vaswani et al. 2017). c is the pooled ``latent`` of
-  the same :class:`~meddiff.model.encoders.ImageEncoder` as our multimodal model (dimension d_model),
-  so the comparison isolates the multimodal fusion rather than the image backbone;
-* **prior guidance.** DiffMIC's dual-granularity conditional guidance (a global and a local ROI
-  prior network whose prediction also shifts the forward-process mean, CARD style, plus a
-  maximum-mean-discrepancy regulariser) is reduced to one auxiliary linear head on c whose
-  cross-entropy is added to the loss with weight λ (``prior_weight``):
+  ᾱ_T ≈ 0.6, far from the N(0, I) that sampling starts from; scaled, ᾱ_T ≈ 8e-6);
+* **denoiser** ε_θ(r_t, t, c, ŷ): an MLP over r_t with residual blocks modulated by FiLM
+  (Perez et al. 2018), whose scale and shift come from the sum of embeddings of the image
+  condition c, of ŷ and of t (sinusoidal, Vaswani et al. 2017). c is the pooled ``latent`` of the
+  same :class:`~meddiff.model.encoders.ImageEncoder` as our multimodal model (dimension d_model), so
+  the comparison isolates multimodal fusion rather than the image backbone. The loss is
 
-      L = E_{t, ε} ‖ε − ε_θ(√ᾱ_t y_0 + √(1 − ᾱ_t) ε, t, c)‖²  +  λ · CE(W c, y)
+      L = E_{t, ε} ‖ε − ε_θ(√ᾱ_t r_0 + √(1 − ᾱ_t) ε, t, c, ŷ)‖²  +  λ · CE(W c, y)
 
-  (the first term is Ho et al. 2020, eq. 14, averaged over the K label dimensions);
-* **sampling.** Deterministic DDIM (Song et al. 2021, eq. 12 with η = 0) from y_T ~ N(0, I), MONAI's
-  ``DDIMScheduler``; the last step's prediction of y_0 is read. Each of ``n_samples`` chains gives
-  p^(s) = softmax(ŷ_0^(s) / τ) and the returned probability is their mean (a mixture over the
-  sampled labels, so disagreement between chains shows up as spread probability). τ = 0.5 makes a
-  clean ŷ_0 = 2 · onehot − 1 map to p ≈ 0.95 for its class when K = 4.
+  (the first term is Ho et al. 2020, eq. 14, averaged over the K label dimensions; ŷ is detached in
+  it, so the prior head learns from the cross-entropy only), trained jointly end to end;
+* **sampling.** Deterministic DDIM (Song et al. 2021, eq. 12 with η = 0) from r_T ~ N(0, I), i.e.
+  y_T ~ N(ŷ, I), with MONAI's ``DDIMScheduler``. After each step the predicted ŷ_0 = r̂_0 + ŷ is
+  clipped to [−1, 1] (the label range; DDPM clips its predicted images the same way) and r_{t−1} is
+  moved accordingly: the ε-parametrised prediction r̂_0 = (r_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t amplifies
+  denoiser errors by up to 1 / √ᾱ_T ≈ 360 at the first step, which without the clip makes some
+  chains of a briefly trained model end at |ŷ_0| ~ 100. The last step's ŷ_0 is read. Each of
+  ``n_samples`` chains gives p^(s) = softmax(ŷ_0^(s) / τ) and the returned probability is their mean
+  (a mixture over the sampled labels: disagreement between chains shows up as spread probability).
+  τ = 0.5 maps a clean ŷ_0 = 2 · onehot − 1 to p ≈ 0.95 for its class when K = 4.
 
-Patients without an image get the training class prior (the label frequencies of the train split),
-the best image-free guess under log loss; an image-only baseline has nothing else to go on.
+Patients without an image get the training class prior (the label frequencies of the whole train
+split), the best image-free guess under log loss; an image-only baseline has nothing else to go on.
 """
 
 from __future__ import annotations
@@ -78,7 +87,8 @@ class FiLMBlock(nn.Module):
 
 
 class LabelDenoiser(nn.Module):
-    """ε_θ(y_t, t, c): (B, K) noisy label, (B,) steps, (B, d) image condition → (B, K) noise."""
+    """ε_θ(r_t, t, c, ŷ): (B, K) noisy residual label, (B,) steps, (B, d) image condition and (B, K)
+    prior guess → (B, K) predicted noise."""
 
     def __init__(self, n_classes: int, d_model: int, hidden: int, n_blocks: int = 2):
         super().__init__()
@@ -91,14 +101,14 @@ class LabelDenoiser(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, n_classes))
 
     def forward(
-        self, y_t: torch.Tensor, timesteps: torch.Tensor, c: torch.Tensor, prior: torch.Tensor
+        self, r_t: torch.Tensor, timesteps: torch.Tensor, c: torch.Tensor, prior: torch.Tensor
     ) -> torch.Tensor:
         e = (
             self.embed_time(timestep_embedding(timesteps, self.d_model))
             + self.embed_cond(c)
             + self.embed_prior(prior)
         )  # (B, hidden)
-        h = self.embed_label(y_t)  # (B, hidden)
+        h = self.embed_label(r_t)  # (B, hidden)
         for block in self.blocks:
             h = block(h, e)
         return self.out(h)  # (B, K)
@@ -145,7 +155,7 @@ class DiffMICClassifier(nn.Module):
             "schedule": "linear_beta",
             "beta_start": min(DDPM_BETA_START * scale, 0.999),
             "beta_end": min(DDPM_BETA_END * scale, 0.999),
-            "clip_sample": False,  # y_0 ∈ {−1, 1}^K, but intermediate predictions may overshoot
+            "clip_sample": False,  # sample_y0 clips ŷ_0 = r̂_0 + ŷ itself: r_0's bounds depend on ŷ
         }
         return DDPMScheduler(**arguments) if kind == "ddpm" else DDIMScheduler(**arguments)
 
@@ -256,7 +266,6 @@ def train_diffmic(
     prior_weight: float = 1.0,
     prior_mean: bool = True,
     noise_draws: int = 4,
-    denoiser_steps: int = 1,
     weight_decay: float = 1e-4,
 ) -> DiffMICClassifier:
     """Train the baseline on the train-split patients that have an image (AdamW, CPU-friendly).
@@ -289,18 +298,11 @@ def train_diffmic(
         order = rng.permutation(index)
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            images, targets = _images(data, batch), torch.from_numpy(labels[batch].astype(np.int64))
-            c, logits = model.condition(images)  # (B, d), (B, K)
-            loss = model.diffusion_loss(c, logits, targets, generator, noise_draws)
-            loss = loss + model.prior_weight * F.cross_entropy(logits, targets)
+            targets = torch.from_numpy(labels[batch].astype(np.int64))  # (B,)
+            loss, _ = model.loss(_images(data, batch), targets, generator, noise_draws)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            c, logits = c.detach(), logits.detach()
-            for _ in range(denoiser_steps - 1):  # denoiser-only steps; the encoder is not rerun
-                optimizer.zero_grad(set_to_none=True)  # other parameters get no grad: AdamW skips them
-                model.diffusion_loss(c, logits, targets, generator, noise_draws).backward()
-                optimizer.step()
     model.eval()
     return model
 
@@ -320,15 +322,18 @@ def predict_proba_diffmic(
     """Class probabilities (N, K) for the patients in ``index``.
 
     p = mean_s softmax(ŷ_0^(s) / τ) over ``n_samples`` DDIM chains per image; patients without an
-    image get ``model.class_prior``. Deterministic for a seed (one generator, batches in order).
+    image get ``model.class_prior``. Deterministic for a seed and ``index``: one generator draws the
+    starting noise batch after batch, so a patient's chains depend on its position in ``index``.
     """
     index = np.asarray(index)
     model.eval()
     probs = np.tile(model.class_prior.cpu().numpy().astype(np.float64), (len(index), 1))  # (N, K)
     has_image = np.flatnonzero(data.arrays["modality_present"][index, IMAGE].astype(bool))
-    generator = torch.Generator().manual_seed(seed)
+    device = model.class_prior.device
+    generator = torch.Generator(device=device).manual_seed(seed)
     for start in range(0, len(has_image), batch_size):
         rows = has_image[start : start + batch_size]
-        y0 = model.sample_y0(_images(data, index[rows]), n_samples, num_inference_steps, generator)  # (S, B, K)
-        probs[rows] = torch.softmax(y0.double() / temperature, dim=-1).mean(dim=0).numpy()
+        image = _images(data, index[rows]).to(device)  # (B, 1, D, H, W)
+        y0 = model.sample_y0(image, n_samples, num_inference_steps, generator)  # (S, B, K)
+        probs[rows] = torch.softmax(y0.double() / temperature, dim=-1).mean(dim=0).cpu().numpy()
     return probs

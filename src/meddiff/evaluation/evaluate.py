@@ -1,10 +1,14 @@
-"""The ``evaluate`` stage: test-split metrics and robustness to missing modalities (proposal §3.6).
+"""The ``evaluate`` stage: is the model worth deploying? (proposal §3.6)
 
-For each masking rate r in params, every modality a test patient has is masked independently with
-probability r, keeping at least one (the training masking rule, :func:`sample_modality_mask`);
-metrics are averaged over ``n_repeats`` random masks. Because at least one modality is always kept,
-the fraction of (patient, modality) slots actually masked is below r at high rates; it is reported
-as ``masked_fraction`` beside the requested rate.
+Writes ``reports/evaluate/``:
+
+* ``metrics.json``: test metrics with bootstrap 95 % intervals (AUC-ROC macro and per class, F1,
+  accuracy, balanced accuracy, ECE), the rare-disease and subgroup reports with fairness gaps, the
+  robustness rows and the registry-gate decision;
+* ``robustness.csv``: one row per scenario × masking rate × imputation, with intervals;
+* ``robustness_curve.csv`` (the DVC plot) and ``robustness.png`` (the same, for a person).
+
+The evaluation is logged to MLflow as a child run of the training run.
 """
 
 from __future__ import annotations
@@ -15,57 +19,71 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from meddiff.config import Params
-from meddiff.data.dataset import load_processed
-from meddiff.evaluation.metrics import classification_metrics
+from meddiff.data.dataset import ProcessedDataset, load_processed
+from meddiff.evaluation import robustness, subgroups
+from meddiff.evaluation.bootstrap import bootstrap_ci
+from meddiff.evaluation.metrics import METRICS, auc_one_vs_rest
 from meddiff.io import atomic_file, read_json, write_json
 from meddiff.model.inference import predict_proba
+from meddiff.model.multimodal import MedDiffModel
 from meddiff.training.checkpoint import load_model
-from meddiff.training.masking import sample_modality_mask
 from meddiff.training.train import RUN_FILE
 
 LOG = logging.getLogger(__name__)
-ROBUSTNESS_FIELDS = ("masking_rate", "masked_fraction", "auc_macro", "auc_macro_std", "f1_macro", "accuracy")
 
 
 @dataclass
 class EvaluateResult:
     report_dir: str
     test_auc_macro: float
+    test_auc_ci: tuple[float, float]
     test_f1_macro: float
     test_accuracy: float
     n_test: int
     robustness_auc: dict[str, float]
+    champion_promoted: bool | None
 
 
-def robustness_sweep(model, data, index: np.ndarray, rates: list[float], repeats: int, seed: int) -> list[dict]:
-    """Metrics per masking rate, averaged over ``repeats`` random masks of the test patients."""
-    labels = data.arrays["label"][index]
-    present = torch.from_numpy(data.arrays["modality_present"][index].astype(bool))
-    rows = []
-    for rate_index, rate in enumerate(rates):
-        generator = torch.Generator().manual_seed(seed + rate_index)
-        aucs, f1s, accs, fractions = [], [], [], []
-        for _ in range(repeats):
-            used = sample_modality_mask(present, rate, generator)
-            masked_fraction = float((present & ~used).sum()) / float(present.sum())
-            metrics = classification_metrics(labels, predict_proba(model, data, index, used.numpy()))
-            aucs.append(metrics["auc_macro"])
-            f1s.append(metrics["f1_macro"])
-            accs.append(metrics["accuracy"])
-            fractions.append(masked_fraction)
-        rows.append({
-            "masking_rate": rate,
-            "masked_fraction": round(float(np.mean(fractions)), 4),
-            "auc_macro": float(np.mean(aucs)),
-            "auc_macro_std": float(np.std(aucs)),
-            "f1_macro": float(np.mean(f1s)),
-            "accuracy": float(np.mean(accs)),
-        })
-        LOG.info("masking rate %.1f: AUC %.3f (masked %.2f of slots)", rate, rows[-1]["auc_macro"], masked_fraction)
-    return rows
+def model_predictor(model: MedDiffModel, seed: int) -> robustness.Predict:
+    def predict(data: ProcessedDataset, index: np.ndarray, used: np.ndarray, impute: bool) -> np.ndarray:
+        return predict_proba(model, data, index, used, impute_missing=impute, seed=seed)
+
+    return predict
+
+
+def test_metrics(y: np.ndarray, probs: np.ndarray, class_names: list[str], n_bootstrap: int, seed: int) -> dict:
+    report = {name: bootstrap_ci(y, probs, fn, n_bootstrap, seed) for name, fn in METRICS.items()}
+    report["auc_per_class"] = {
+        name: bootstrap_ci(y, probs, lambda t, p, c=c: auc_one_vs_rest(t, p, c), n_bootstrap, seed)
+        for c, name in enumerate(class_names)
+    }
+    report["n"] = len(y)
+    return report
+
+
+def imputation_options(model: MedDiffModel) -> list[bool]:
+    return [False, True] if model.spec.diffusion.impute_missing_latents else [False]
+
+
+def write_robustness(rows: list[dict], report_dir: Path) -> None:
+    with atomic_file(report_dir / "robustness.csv") as handle:
+        writer = csv.DictWriter(handle, fieldnames=robustness.FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    curve: dict[float, dict] = {}
+    for row in rows:
+        if row["scenario"] == "random":
+            key = "auc_with_imputation" if row["imputation"] else "auc_without_imputation"
+            curve.setdefault(row["masking_rate"], {"masking_rate": row["masking_rate"]})[key] = row["auc_macro"]
+    fields = ["masking_rate", "auc_without_imputation", *(["auc_with_imputation"] if any(
+        r["imputation"] for r in rows) else [])]
+    with atomic_file(report_dir / "robustness_curve.csv") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(curve[rate] for rate in sorted(curve))
+    plot_robustness(rows, report_dir / "robustness.png")
 
 
 def plot_robustness(rows: list[dict], target: Path) -> None:
@@ -74,19 +92,29 @@ def plot_robustness(rows: list[dict], target: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rates = [r["masking_rate"] for r in rows]
-    auc = np.array([r["auc_macro"] for r in rows])
-    std = np.array([r["auc_macro_std"] for r in rows])
-    figure, axis = plt.subplots(figsize=(5, 3.5), dpi=120)
-    axis.plot(rates, auc, marker="o", label="AUC-ROC (macro)")
-    axis.fill_between(rates, auc - std, auc + std, alpha=0.2)
-    axis.plot(rates, [r["f1_macro"] for r in rows], marker="s", label="F1 (macro)")
-    axis.set_xlabel("modality masking rate")
-    axis.set_ylabel("test metric")
-    axis.set_ylim(0, 1.02)
-    axis.grid(alpha=0.3)
-    axis.legend(loc="lower left")
-    axis.set_title("Robustness to missing modalities")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+    for impute, style in ((False, "o-"), (True, "s--")):
+        series = [r for r in rows if r["scenario"] == "random" and r["imputation"] == impute]
+        if not series:
+            continue
+        x = [r["masked_fraction"] for r in series]
+        left.plot(x, [r["auc_macro"] for r in series], style, label=f"imputation {'on' if impute else 'off'}")
+        left.fill_between(x, [r["auc_ci_low"] for r in series], [r["auc_ci_high"] for r in series], alpha=0.15)
+    left.set_xlabel("fraction of modality slots masked")
+    left.set_ylabel("test AUC-ROC (macro), 95 % CI")
+    left.set_ylim(0.4, 1.0)
+    left.grid(alpha=0.3)
+    left.legend(loc="lower left")
+    left.set_title("Random masking")
+    absent = [r for r in rows if r["scenario"].startswith("absent_") and not r["imputation"]]
+    names = [r["scenario"].removeprefix("absent_") for r in absent]
+    values = [r["auc_macro"] for r in absent]
+    errors = [[v - r["auc_ci_low"] for v, r in zip(values, absent, strict=True)],
+              [r["auc_ci_high"] - v for v, r in zip(values, absent, strict=True)]]
+    right.bar(names, values, yerr=errors, capsize=4, color="#8da0cb")
+    right.set_ylim(0.4, 1.0)
+    right.set_title("One modality absent (no imputation)")
+    right.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     with atomic_file(target, "wb") as handle:
         figure.savefig(handle, format="png")
@@ -94,49 +122,71 @@ def plot_robustness(rows: list[dict], target: Path) -> None:
 
 
 def run_evaluate(params: Params, processed_dir: Path, model_dir: Path, report_dir: Path) -> EvaluateResult:
+    config = params.evaluate
     data = load_processed(processed_dir)
     model = load_model(model_dir)
     index = data.indices("test")
     if len(index) == 0:
         raise ValueError(f"{processed_dir}: the test split is empty")
-    test = classification_metrics(data.arrays["label"][index], predict_proba(model, data, index))
-    rows = robustness_sweep(
-        model, data, index, list(params.evaluate.masking_rates), params.evaluate.n_repeats, params.seed
+    y = data.arrays["label"][index]
+    probs = predict_proba(model, data, index)
+    rare = subgroups.rare_classes(data, config.rare_classes)
+    site = subgroups.minority_site(data, config.subgroup_site)
+    in_group = data.arrays["site"][index] == site
+    metrics: dict = {
+        "class_names": data.class_names,
+        "test": test_metrics(y, probs, data.class_names, config.n_bootstrap, params.seed),
+        "rare": subgroups.rare_report(y, probs, rare, data.class_names, config.n_bootstrap, params.seed),
+        "subgroup": subgroups.subgroup_report(y, probs, in_group, site, config.n_bootstrap, params.seed),
+    }
+    rows = robustness.robustness_sweep(
+        model_predictor(model, params.seed), data, index, list(config.masking_rates), config.n_repeats,
+        imputation_options(model), rare, config.n_bootstrap, params.seed,
     )
+    metrics["robustness"] = rows
+    run_file = Path(model_dir) / RUN_FILE
+    run = read_json(run_file) if run_file.is_file() else {}
+    decision = None
+    if config.registry_gate and run.get("registered_version"):
+        from meddiff.evaluation.gate import champion_gate
+
+        decision = champion_gate(params, run["registered_version"], metrics["test"]["auc_macro"]["value"], data, index)
+        metrics["registry_gate"] = decision.to_dict()
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {"class_names": data.class_names, "test": test, "robustness": rows}
     write_json(report_dir / "metrics.json", metrics)
-    with atomic_file(report_dir / "robustness.csv") as handle:
-        writer = csv.DictWriter(handle, fieldnames=ROBUSTNESS_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    plot_robustness(rows, report_dir / "robustness.png")
-    _log_to_mlflow(params, model_dir, test, rows, report_dir)
+    write_robustness(rows, report_dir)
+    _log_to_mlflow(params, run.get("mlflow_run_id"), metrics, report_dir)
+    test = metrics["test"]
     return EvaluateResult(
         report_dir=str(report_dir),
-        test_auc_macro=test["auc_macro"],
-        test_f1_macro=test["f1_macro"],
-        test_accuracy=test["accuracy"],
+        test_auc_macro=test["auc_macro"]["value"],
+        test_auc_ci=(test["auc_macro"]["ci_low"], test["auc_macro"]["ci_high"]),
+        test_f1_macro=test["f1_macro"]["value"],
+        test_accuracy=test["accuracy"]["value"],
         n_test=len(index),
-        robustness_auc={f"{r['masking_rate']:.1f}": round(r["auc_macro"], 4) for r in rows},
+        robustness_auc={
+            f"{r['masking_rate']:.2f}{'+imputation' if r['imputation'] else ''}": round(r["auc_macro"], 4)
+            for r in rows if r["scenario"] == "random"
+        },
+        champion_promoted=None if decision is None else decision.promoted,
     )
 
 
-def _log_to_mlflow(params: Params, model_dir: Path, test: dict, rows: list[dict], report_dir: Path) -> None:
+def _log_to_mlflow(params: Params, parent_run_id: str | None, metrics: dict, report_dir: Path) -> None:
     """Log the evaluation as a child run of the training run that produced the model."""
     import mlflow
 
     from meddiff import tracking
 
-    run_file = Path(model_dir) / RUN_FILE
-    parent = read_json(run_file)["mlflow_run_id"] if run_file.is_file() else None
     experiment_id = tracking.setup_experiment(params.tracking)
     tags = tracking.run_tags(params, None)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(experiment_id=experiment_id, run_name="evaluate", tags=tags):
-        mlflow.log_metrics({f"test_{k}": v for k, v in test.items() if isinstance(v, float) and np.isfinite(v)})
-        for step, row in enumerate(rows):
-            mlflow.log_metrics({"robust_auc_macro": row["auc_macro"], "robust_f1_macro": row["f1_macro"]}, step=step)
+        flat = {f"test_{k}": v["value"] for k, v in metrics["test"].items() if isinstance(v, dict) and "value" in v}
+        mlflow.log_metrics({k: v for k, v in flat.items() if np.isfinite(v)})
+        random_rows = [r for r in metrics["robustness"] if r["scenario"] == "random" and not r["imputation"]]
+        for step, row in enumerate(random_rows):
+            mlflow.log_metric("robust_auc_macro", row["auc_macro"], step=step)
         mlflow.log_artifacts(str(report_dir), artifact_path="evaluate")

@@ -17,9 +17,14 @@ def predict_proba(
     index: np.ndarray,
     modality_used: np.ndarray | None = None,
     batch_size: int = 64,
+    impute_missing: bool = False,
+    seed: int = 0,
 ) -> np.ndarray:
-    """Class probabilities (N, classes) for ``index``; ``modality_used`` (N, 3) defaults to what is present."""
+    """Class probabilities (N, classes) for ``index``; ``modality_used`` (N, 3) defaults to what is
+    present. With ``impute_missing`` the latents of unused modalities are inpainted by the latent
+    diffusion model (deterministic for ``seed``)."""
     model.eval()
+    generator = torch.Generator().manual_seed(seed)
     index = np.asarray(index)
     used_all = data.arrays["modality_present"][index] if modality_used is None else modality_used
     if used_all.shape != (len(index), 3):
@@ -28,7 +33,7 @@ def predict_proba(
     for start in range(0, len(index), batch_size):
         batch = to_batch(data, index[start : start + batch_size])
         used = torch.from_numpy(np.asarray(used_all[start : start + batch_size], dtype=bool))
-        output = model({k: batch[k] for k in MODEL_INPUTS}, used)
+        output = model({k: batch[k] for k in MODEL_INPUTS}, used, impute_missing=impute_missing, generator=generator)
         chunks.append(torch.softmax(output.logits, dim=-1).numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, data.n_classes))
 
