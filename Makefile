@@ -7,11 +7,12 @@ STAMP := $(VENV)/.installed
 # pip on these machines prints one warning per missing local index folder; hide only those lines.
 PIP_QUIET := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install run test lint compile images bench clean
+.PHONY: help install run suite test lint compile images bench clean
 
 help:
 	@echo "make run      set up .venv, then dvc repro the whole pipeline on the built-in cohort"
 	@echo "make test     set up .venv, then run the test suite"
+	@echo "make suite    ablations and baselines (trains ~9 models; after make run)"
 	@echo "make lint     ruff"
 	@echo "make compile  compile the Kubeflow pipeline to pipeline.yaml"
 	@echo "make images REGISTRY=host/path   build + push the CPU and CUDA stage images (needs a Docker engine)"
@@ -40,6 +41,10 @@ run: $(STAMP)
 	@echo "  reports/generate/metrics.json      synthetic-data quality"
 	@echo "  reports/explain/index.html         attributions and Dice against lesion masks"
 	@echo "  MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db"
+
+suite: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro suite/dvc.yaml
+	@echo "Reports: reports/evaluate/suite.md, suite.html, summary.md"
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q

@@ -63,6 +63,11 @@ STAGES: dict[str, StageSpec] = {
             {"processed_dir": ("processed", ""), "model_dir": ("models", ""), "report_dir": ("reports", "evaluate")},
         ),
         StageSpec(
+            "suite", "meddiff.evaluation.suite", "run_suite",
+            "ablations and baselines: same data, same budget, one table + summary (long: trains ~9 models)",
+            {"processed_dir": ("processed", ""), "report_dir": ("reports", "evaluate")},
+        ),
+        StageSpec(
             "generate", "meddiff.generation.generate", "run_generate",
             "sample class-conditional synthetic patients and measure their quality",
             {
