@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meddiff import __version__
-from meddiff.stages import STAGES
+from meddiff.stages import COMMANDS
 
 LOG = logging.getLogger("meddiff")
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    for spec in STAGES.values():
+    for spec in COMMANDS.values():
         stage_parser = commands.add_parser(spec.name, help=spec.summary, description=spec.summary)
         _add_common(stage_parser)
         for argument, (attribute, sub) in spec.paths.items():
@@ -103,7 +103,7 @@ def _run_stage(args: argparse.Namespace) -> int:
     from meddiff.stages import result_to_dict, run_stage
 
     params = _load(args)
-    paths = {name: getattr(args, name) for name in STAGES[args.command].paths}
+    paths = {name: getattr(args, name) for name in COMMANDS[args.command].paths}
     started = time.perf_counter()
     result = run_stage(args.command, params, **paths)
     LOG.info("%s finished in %.1f s", args.command, time.perf_counter() - started)
