@@ -4,8 +4,11 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# pip on these machines prints one warning per missing local index folder; hide only those lines.
-PIP_QUIET := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip on these machines prints one warning per missing local index folder; hide only those lines
+# (pipefail keeps pip's own exit status; the braces keep grep's "nothing left" from failing).
+PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: help install run suite test lint compile images bench clean
 
