@@ -2,8 +2,10 @@
 
 Both loops run in this process, over the same model architecture and the same batches, alternating
 rounds so that machine noise hits both alike. Reported: samples/s of each, our overhead as a ratio
-(target ≤ 1.05), and a step-time breakdown (data, forward, backward, optimiser) for ours. Runs
-unchanged on CPU and CUDA (``--device cuda --bf16`` on a GPU).
+(target ≤ 1.05), a step-time breakdown (data, forward, backward, optimiser) for ours, the model
+FLOPs of one training step (``torch.utils.flop_counter``), the achieved FLOP/s, and that as a
+fraction of a plain ``torch.matmul`` peak measured in the same run (and, on CUDA, of the H200's
+~790 TFLOP/s bf16 peak). Runs unchanged on CPU and CUDA (``--device cuda --bf16`` on a GPU).
 
     python bench/train_throughput.py [--steps 20] [--batch-size 16] [--device cpu]
 """
@@ -34,6 +36,19 @@ from meddiff.training.train import build_model
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a plain square ``torch.matmul`` on this device: the roof our step is compared to."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b)
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b)
+    sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -102,6 +117,12 @@ def main() -> None:
 
     for step in (step_ours, step_plain):  # warm-up
         step(batches[0])
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step_plain(batches[0])
+    step_flops = counter.get_total_flops()
+    matmul_peak = measure_matmul_peak(device, torch.bfloat16 if args.bf16 else torch.float32)
     times = {"ours": 0.0, "plain": 0.0}
     for _ in range(args.rounds):
         for name, step in (("ours", step_ours), ("plain", step_plain)):
@@ -123,7 +144,13 @@ def main() -> None:
         "samples_per_s_plain": samples / times["plain"],
         "overhead_ratio": times["ours"] / times["plain"],
         "step_breakdown_s": {k: v / (args.rounds * args.steps) for k, v in breakdown.items()},
+        "model_flops_per_step": step_flops,
+        "achieved_flops_per_s": step_flops * args.rounds * args.steps / times["ours"],
+        "matmul_peak_flops_per_s": matmul_peak,
     }
+    result["fraction_of_matmul_peak"] = result["achieved_flops_per_s"] / matmul_peak
+    if device.type == "cuda":
+        result["mfu_vs_h200_bf16_790_tflops"] = result["achieved_flops_per_s"] / 790e12
     print(json.dumps(result, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
