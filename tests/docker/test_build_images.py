@@ -94,18 +94,24 @@ def make() -> str:
     return found
 
 
+def run_make(make: str, *arguments: str) -> subprocess.CompletedProcess:
+    """``make -n`` as a user would type it: not inheriting the flags of a ``make test`` around us
+    (a sub-make would print "Entering directory" lines)."""
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES"}}
+    return subprocess.run(
+        [make, "--no-print-directory", "-n", *arguments], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
+    )
+
+
 def test_make_images_needs_a_registry(make: str) -> None:
-    result = subprocess.run([make, "-n", "images"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = run_make(make, "images")
     assert result.returncode != 0
     assert "REGISTRY is not set: make images REGISTRY=" in result.stderr
 
 
 def test_make_images_runs_the_script(make: str) -> None:
     # -n: print the commands only (nothing is installed or built)
-    result = subprocess.run(
-        [make, "-n", "images", "REGISTRY=127.0.0.1:5000/meddiff", "IMAGES_FLAGS=--no-push"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )
+    result = run_make(make, "images", "REGISTRY=127.0.0.1:5000/meddiff", "IMAGES_FLAGS=--no-push")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1].split() == [
         ".venv/bin/python", "docker/build_images.py", "--registry", '"127.0.0.1:5000/meddiff"', "--no-push",
