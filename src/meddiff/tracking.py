@@ -68,10 +68,10 @@ def file_digest(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def run_tags(params: Params, data_file: Path | None) -> dict[str, str]:
+def run_tags(params: Params, data_md5: str | None) -> dict[str, str]:
     tags = {"meddiff.git_commit": git_commit(), "meddiff.params_hash": params.digest()}
-    if data_file is not None and data_file.is_file():
-        tags["meddiff.data_md5"] = file_digest(data_file)
+    if data_md5 is not None:
+        tags["meddiff.data_md5"] = data_md5
     for variable, tag in ENVIRONMENT_TAGS.items():
         if os.environ.get(variable):
             tags[tag] = os.environ[variable]

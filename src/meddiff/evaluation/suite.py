@@ -131,7 +131,7 @@ def _row(name: str, rows: list[dict], test: dict) -> dict:
 
 def run_suite(params: Params, processed_dir: Path, report_dir: Path) -> SuiteResult:
     from meddiff.training.latent_diffusion import refine_latent_diffusion
-    from meddiff.training.train import run_key, train_model
+    from meddiff.training.train import data_digest, run_key, train_model
 
     config = params.evaluate
     epochs = config.suite_epochs or params.train.epochs
@@ -139,12 +139,13 @@ def run_suite(params: Params, processed_dir: Path, report_dir: Path) -> SuiteRes
     index = data.indices("test")
     rare = subgroups.rare_classes(data, config.rare_classes)
     y = data.arrays["label"][index]
+    data_md5 = data_digest(processed_dir)
     predictors: dict[str, robustness.Predict] = {}
     imputation: dict[str, bool] = {}
     for variant in _needed(config.suite):
         variant_params = apply_overrides(params, [f"train.epochs={epochs}", *TRAINED_VARIANTS[variant]])
         LOG.info("suite: training %s for up to %d epochs", variant, epochs)
-        key = run_key(variant_params, processed_dir)
+        key = run_key(variant_params, data_md5)
         checkpoint_dir = Path(params.paths.checkpoints) / "suite" / f"{variant}-{key}"
         model, _, _ = train_model(variant_params, data, checkpoint_dir)
         refine_latent_diffusion(model, data, variant_params)

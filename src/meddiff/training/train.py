@@ -166,13 +166,18 @@ def epoch_order(train_index: np.ndarray, seed: int, epoch: int, dist: Distribute
     return order[:usable][dist.rank :: dist.world_size]
 
 
-def run_key(params: Params, processed_dir: Path) -> str:
-    """Identifies a training run: the same params and data resume, anything else starts afresh."""
+def data_digest(processed_dir: Path) -> str:
+    """MD5 of the processed arrays (the hash DVC records), computed once per stage."""
     from meddiff.tracking import file_digest
 
+    return file_digest(Path(processed_dir) / ARRAYS_FILE)
+
+
+def run_key(params: Params, data_md5: str) -> str:
+    """Identifies a training run: the same params and data resume, anything else starts afresh."""
     digest = hashlib.sha256(params.train.model_dump_json().encode())
     digest.update(str(params.seed).encode())
-    digest.update(file_digest(Path(processed_dir) / ARRAYS_FILE).encode())
+    digest.update(data_md5.encode())
     return digest.hexdigest()[:16]
 
 
@@ -307,21 +312,22 @@ def train_model(
 
 def run_train(params: Params, processed_dir: Path, model_dir: Path) -> TrainResult:
     data = load_processed(processed_dir)
-    checkpoint_dir = Path(params.paths.checkpoints) / run_key(params, processed_dir)
+    data_md5 = data_digest(processed_dir)
+    checkpoint_dir = Path(params.paths.checkpoints) / run_key(params, data_md5)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
             # Non-zero ranks train and synchronise gradients; rank 0 writes every output.
             _, state, _ = train_model(params, data, checkpoint_dir)
             return TrainResult(str(model_dir), len(state.history), state.best_epoch, state.best_auc, 0.0, "", "", "")
-        return _train_and_register(params, data, Path(processed_dir), Path(model_dir), checkpoint_dir)
+        return _train_and_register(params, data, data_md5, Path(model_dir), checkpoint_dir)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 def _train_and_register(
-    params: Params, data: ProcessedDataset, processed_dir: Path, model_dir: Path, checkpoint_dir: Path
+    params: Params, data: ProcessedDataset, data_md5: str, model_dir: Path, checkpoint_dir: Path
 ) -> TrainResult:
     import mlflow
 
@@ -330,7 +336,7 @@ def _train_and_register(
 
     experiment_id = tracking.setup_experiment(params.tracking)
     started = time.perf_counter()
-    tags = tracking.run_tags(params, processed_dir / ARRAYS_FILE)
+    tags = tracking.run_tags(params, data_md5)
     with atomic_dir(model_dir) as staging, mlflow.start_run(
         experiment_id=experiment_id, run_name="train", tags=tags
     ) as run:
