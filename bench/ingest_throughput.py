@@ -47,12 +47,12 @@ def _bare_loop(files: list[Path]) -> float:
 
 def _ingest_imaging(raw: Path, files: list[Path], workers: int) -> float:
     from meddiff.data.deid import Pseudonymizer
-    from meddiff.data.ingest import _ingest_dicom
+    from meddiff.data.ingest import ingest_dicom
     from meddiff.data.quarantine import Ledger
 
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        rows, _ = _ingest_dicom(raw, files, Path(scratch), Ledger(), workers, Pseudonymizer(b"b" * 32))
+        rows, _ = ingest_dicom(raw, files, Path(scratch), Ledger(), workers, Pseudonymizer(b"b" * 32))
         seconds = time.perf_counter() - started
     assert rows, "no series assembled"
     return len(files) / seconds

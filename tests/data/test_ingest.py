@@ -142,3 +142,95 @@ def test_gx_rejects_every_series_of_a_patient_with_two() -> None:
     outcome = TableValidator().validate("image_series", frame, series_rules())
     assert outcome.failures["s1"][0] == outcome.failures["s2"][0] == "multiple_series"
     assert outcome.failures["s3"][0] == "implausible_hu"
+
+
+def test_ledger_finds_records_by_kind_and_id() -> None:
+    from meddiff.data.quarantine import Ledger, Record
+
+    ledger = Ledger()
+    patient = ledger.add(Record("patient", "P1", "ehr/Patient.ndjson:1"))
+    note = ledger.add(Record("note", "P1", "notes/P1.txt"))  # same id, other kind: a different record
+    assert ledger.get("patient", "P1") is patient and ledger.get("note", "P1") is note
+    with pytest.raises(KeyError, match="no condition record 'P1'"):
+        ledger.get("condition", "P1")
+    with pytest.raises(ValueError, match="added twice"):
+        ledger.add(Record("note", "P1", "elsewhere"))
+    ledger.quarantine(note, "not_utf8", "bad bytes")
+    ledger.quarantine(note, "note_too_short", "second reason is ignored")
+    summary = ledger.summary()
+    assert (summary["records_in"], summary["accepted"], summary["quarantined"]) == (2, 1, 1)
+    assert summary["quarantined_by_reason"] == {"not_utf8": 1}
+
+
+def test_inventory_sorts_files_by_reader(tmp_path: Path) -> None:
+    from meddiff.data.ingest.inventory import Inventory
+
+    found = Inventory()
+    raw = tmp_path / "raw"
+    taken = {
+        relative: found.take(raw / relative, Path(relative))
+        for relative in ("imaging/P1/s1/1.dcm", "imaging/B1/B1_t1.nii.gz", "masks/P1.nii.gz", "ehr/Patient.ndjson",
+                         "ehr/bundle.json", "ehr/labevents.csv", "notes/P1.txt", "ehr/Encounter.ndjson",
+                         "masks/deep/P1.nii.gz", "notes/P1.pdf")
+    }
+    assert [r for r, ok in taken.items() if not ok] == ["ehr/Encounter.ndjson", "masks/deep/P1.nii.gz", "notes/P1.pdf"]
+    assert found.dicom == [raw / "imaging/P1/s1/1.dcm"]
+    assert found.nifti_cases == {"B1": [raw / "imaging/B1/B1_t1.nii.gz"]}
+    assert (found.masks, found.ndjson, found.bundles) == ([raw / "masks/P1.nii.gz"], [raw / "ehr/Patient.ndjson"],
+                                                          [raw / "ehr/bundle.json"])
+    assert (found.csv, found.notes) == ([raw / "ehr/labevents.csv"], [raw / "notes/P1.txt"])
+
+
+def test_conflicting_conditions_give_no_label() -> None:
+    from meddiff.data.ingest.manifest import decide_labels
+    from meddiff.data.quarantine import Ledger, Record
+
+    ledger = Ledger()
+    for record_id in ("c1", "c2", "c3", "c4"):
+        ledger.add(Record("condition", record_id, "ehr/Condition.ndjson"))
+    conditions = pd.DataFrame({RECORD_ID: ["c1", "c2", "c3", "c4"], "patient_id": ["P1", "P1", "P2", "P2"],
+                               "label": ["ischemic_stroke", "ischemic_stroke", "ischemic_stroke", "hemorrhage"]})
+    assert decide_labels(conditions, ledger) == {"P1": "ischemic_stroke"}
+    assert [r.reason for r in ledger.records] == [None, None, "conflicting_labels", "conflicting_labels"]
+    assert "['hemorrhage', 'ischemic_stroke']" in (ledger.get("condition", "c3").message or "")
+
+
+def test_a_mask_must_match_its_image_grid_and_be_binary() -> None:
+    from meddiff.data.ingest.manifest import _mask_problem
+
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    mask = np.zeros((4, 4, 3), dtype=np.uint8)
+    mask[1, 1, 1] = 1
+    assert _mask_problem(mask, affine, (4, 4, 3), affine) is None
+    assert _mask_problem(mask, affine, (4, 4, 4), affine)[0] == "geometry_mismatch"
+    shifted = affine.copy()
+    shifted[0, 3] = 0.5
+    assert _mask_problem(mask, shifted, (4, 4, 3), affine)[0] == "geometry_mismatch"
+    mask[2, 2, 2] = 4
+    assert _mask_problem(mask, affine, (4, 4, 3), affine) == ("invalid_mask", "mask values [0 1 4] are not binary")
+
+
+def test_the_table_loop_quarantines_the_failing_rows_of_each_kind() -> None:
+    from meddiff.data.ingest.tables import TableSpec, validate_tables
+    from meddiff.data.quarantine import Ledger, Record
+
+    ledger = Ledger()
+    for kind in ("observation", "image_series"):  # same record ids in two kinds: each table hits its own
+        for record_id in ("r1", "r2"):
+            ledger.add(Record(kind, record_id, "raw"))
+    config = IngestConfig()
+    observations = pd.DataFrame({RECORD_ID: ["r1", "r2"], "observation_id": ["o1", "o2"], "patient_id": ["P1", "P2"],
+                                 "lab": ["wbc", "wbc"], "raw_value": [7.0, 950.0], "unit": ["10*3/uL"] * 2,
+                                 "value": [7.0, 950.0]})
+    for lab in config.lab_units:
+        observations[lab] = observations["value"].where(observations["lab"] == lab).astype(float)
+    series = pd.DataFrame({RECORD_ID: ["r1", "r2"], "patient_id": ["P1", "P2"], "series_uid": ["1", "2"],
+                           "n_slices": [24, 24], "hu_min": [-1000.0, -1000.0], "hu_max": [9000.0, 1000.0]})
+    validations = validate_tables((
+        TableSpec("observation", observations, observation_rules(config.lab_ranges, config.lab_units)),
+        TableSpec("image_series", series, series_rules()),
+    ), ledger)
+    assert list(validations) == ["observation", "image_series"]
+    reasons = {(r.kind, r.record_id): r.reason for r in ledger.records}
+    assert reasons == {("observation", "r1"): None, ("observation", "r2"): "out_of_range",
+                       ("image_series", "r1"): "implausible_hu", ("image_series", "r2"): None}

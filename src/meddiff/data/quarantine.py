@@ -47,17 +47,34 @@ class Ledger:
     """All records of one ingest run."""
 
     records: list[Record] = field(default_factory=list)
-    _ids: set[tuple[str, str]] = field(default_factory=set)
+    _by_key: dict[tuple[str, str], Record] = field(default_factory=dict)  # (kind, record id) -> record
 
     def add(self, record: Record) -> Record:
+        """Register a new record; ``ValueError`` for an unknown kind or a (kind, record id) seen before."""
         if record.kind not in RECORD_KINDS:
             raise ValueError(f"record kind must be one of {RECORD_KINDS}, got {record.kind!r}")
         key = (record.kind, record.record_id)
-        if key in self._ids:
+        if key in self._by_key:
             raise ValueError(f"record {record.kind}:{record.record_id} added twice")
-        self._ids.add(key)
+        self._by_key[key] = record
         self.records.append(record)
         return record
+
+    def add_file(self, path: Path, raw_dir: Path, *, keep_copy: bool = True) -> Record:
+        """Register a whole raw file as a ``file`` record (a stray, unsafe or unreadable file).
+
+        ``keep_copy=False`` leaves the file out of ``quarantine_dir/files`` (a symlink: copying it would
+        follow the link out of the raw tree).
+        """
+        relative = str(path.relative_to(raw_dir))
+        return self.add(Record("file", f"file/{relative}", relative, files=(path,) if keep_copy else ()))
+
+    def get(self, kind: str, record_id: str) -> Record:
+        """The record of ``kind`` with ``record_id``; ``KeyError`` naming both if there is none."""
+        try:
+            return self._by_key[(kind, record_id)]
+        except KeyError:
+            raise KeyError(f"no {kind} record {record_id!r} in the ledger") from None
 
     def quarantine(self, record: Record, reason: str, message: str) -> None:
         """Reject ``record`` (the first reason wins)."""
@@ -76,15 +93,13 @@ class Ledger:
             entry = per_kind.setdefault(record.kind, {"records_in": 0, "accepted": 0, "quarantined": 0})
             entry["records_in"] += 1
             entry["accepted" if record.accepted else "quarantined"] += 1
-        summary = {
+        return {
             "records_in": len(self.records),
-            "accepted": len(self.records) - len(quarantined),
+            "accepted": len(self.records) - len(quarantined),  # records_in == accepted + quarantined by construction
             "quarantined": len(quarantined),
             "quarantined_by_reason": dict(sorted(Counter(r.reason for r in quarantined).items())),
             "by_kind": dict(sorted(per_kind.items())),
         }
-        assert summary["records_in"] == summary["accepted"] + summary["quarantined"], summary
-        return summary
 
     def write(self, quarantine_dir: Path, raw_dir: Path) -> Path:
         """Write ``quarantine.jsonl`` and copy the rejected files into ``quarantine_dir/files``."""

@@ -1,0 +1,196 @@
+"""Imaging -> one ``image_series`` record per DICOM series or BraTS case, written to interim as NIfTI.
+
+DICOM files are read in a pool of forked workers (headers in chunks, then one series per task,
+:mod:`meddiff.data.dicom`); a series must have one PatientID, one StudyInstanceUID and an accepted
+modality. Assembled volumes are written as NIfTI-1 (RAS, mm) under a pseudonymous UID and their
+reference header is de-identified (DICOM PS3.15 Annex E Basic Profile, :mod:`meddiff.data.deid`).
+BraTS cases (:mod:`meddiff.data.nifti`) give one channel as the image and the segmentation as its mask.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.pool import Pool
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from meddiff.data.deid import Pseudonymizer, deidentify_dataset
+from meddiff.data.dicom import FileProblem, SeriesError, SliceHeader, load_series, read_headers
+from meddiff.data.nifti import CaseError, load_brats_case
+from meddiff.data.quarantine import Ledger, Record
+from meddiff.data.validation import RECORD_ID
+
+ACCEPTED_MODALITIES = ("CT",)
+#: columns of the image series table (one row per assembled series or case)
+SERIES_COLUMNS = [RECORD_ID, "patient_id", "series_uid", "n_slices", "hu_min", "hu_max", "shape", "affine",
+                  "spacing_mm", "header", "names", "mask_file"]
+#: the columns the image series suite validates (:func:`meddiff.data.validation.series_rules`)
+SERIES_VALIDATED_COLUMNS = [RECORD_ID, "patient_id", "series_uid", "n_slices", "hu_min", "hu_max"]
+#: files per header-reading task (amortises the worker round trip)
+HEADER_CHUNK_FILES = 64
+#: DICOM elements larger than this are left out of the kept JSON header (pixel data, overlays)
+HEADER_BULK_DATA_BYTES = 4096
+
+
+def save_nifti(data: np.ndarray, affine: np.ndarray, target: Path) -> None:
+    """A fresh NIfTI-1 header (nothing copied from the source's descrip/aux_file/db_name)."""
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, target)
+
+
+def interim_image_name(pseudo: Pseudonymizer, series_uid: str) -> str:
+    """The interim file name of an assembled series: its pseudonymous UID (no raw UID in any interim name)."""
+    return f"{pseudo.uid(series_uid)}.nii.gz"
+
+
+@dataclass(frozen=True)
+class SeriesTask:
+    """One series for a worker: its slices, where its NIfTI goes and the key to de-identify its header."""
+
+    series_uid: str
+    headers: list[SliceHeader]
+    target: Path
+    key: bytes
+    max_date_shift_days: int
+
+
+def _assemble_series(task: SeriesTask) -> dict[str, Any]:
+    """Worker: load one series, write it as NIfTI (RAS); de-identify its header; return a row or the error."""
+    try:
+        volume = load_series(task.headers)
+    except SeriesError as error:
+        return {"series_uid": task.series_uid, "error": (error.reason, error.message)}
+    save_nifti(volume.hu.astype(np.float32), volume.affine, task.target)
+    header_json = None
+    names: tuple[str, ...] = ()
+    if volume.reference is not None:
+        reference = volume.reference
+        patient_name = str(reference.get("PatientName", "") or "")
+        names = tuple(p for p in re.split(r"[\^=]", patient_name) if p.strip())
+        deidentify_dataset(reference, Pseudonymizer(task.key, task.max_date_shift_days),
+                           str(reference.get("PatientID", "")))
+        header_json = reference.to_json_dict(bulk_data_threshold=HEADER_BULK_DATA_BYTES,
+                                             bulk_data_element_handler=lambda _: "")
+    return {
+        "series_uid": task.series_uid, "error": None, "n_slices": int(volume.hu.shape[2]),
+        "hu_min": float(volume.hu.min()), "hu_max": float(volume.hu.max()),
+        "shape": list(volume.hu.shape), "affine": volume.affine.tolist(),
+        "spacing_mm": [float(s) for s in volume.spacing_mm], "header": header_json, "names": names,
+    }
+
+
+def _map(pool: Pool | None, function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+    """``function`` over ``items`` in order: in the pool's workers, or in this process when there is none."""
+    return pool.imap(function, items) if pool is not None else map(function, items)
+
+
+def _series_headers(
+    raw_dir: Path, files: list[Path], ledger: Ledger, pool: Pool | None,
+) -> dict[str, list[SliceHeader]]:
+    """Slice headers grouped by SeriesInstanceUID; an unreadable file is a quarantined ``file`` record."""
+    chunks = [files[i : i + HEADER_CHUNK_FILES] for i in range(0, len(files), HEADER_CHUNK_FILES)]
+    series: dict[str, list[SliceHeader]] = defaultdict(list)
+    for batch in _map(pool, read_headers, chunks):
+        for item in batch:
+            if isinstance(item, FileProblem):
+                ledger.quarantine(ledger.add_file(item.path, raw_dir), item.reason, item.message)
+            else:
+                series[item.series_instance_uid].append(item)
+    return series
+
+
+def _series_problem(members: list[SliceHeader]) -> tuple[str, str] | None:
+    """Why a series is not assembled (reason, message), or ``None``."""
+    patient_ids = {h.patient_id for h in members}
+    studies = {h.study_instance_uid for h in members}
+    modalities = sorted({h.modality for h in members})
+    if len(patient_ids) > 1:
+        return "inconsistent_patient", f"series mixes {len(patient_ids)} PatientIDs"
+    if len(studies) > 1:
+        return "inconsistent_study", f"series spans {len(studies)} StudyInstanceUIDs"
+    if not set(modalities) <= set(ACCEPTED_MODALITIES):
+        return "unsupported_modality", f"Modality {modalities}, expected {list(ACCEPTED_MODALITIES)}"
+    return None
+
+
+def ingest_dicom(
+    raw_dir: Path, files: list[Path], images_dir: Path, ledger: Ledger, workers: int, pseudo: Pseudonymizer,
+) -> tuple[list[dict[str, Any]], dict[str, Record]]:
+    """DICOM files -> series rows (``SERIES_COLUMNS``) and records by SeriesInstanceUID.
+
+    Assembled series are written to ``images_dir`` as ``<pseudonymous UID>.nii.gz``; ``workers > 1``
+    reads and assembles in that many forked processes.
+    """
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        series = _series_headers(raw_dir, sorted(files), ledger, pool)
+        records: dict[str, Record] = {}
+        tasks = []
+        for series_uid, members in sorted(series.items()):
+            members.sort(key=lambda h: (str(h.path), h.frame or 0))
+            record = ledger.add(Record("image_series", f"series/{series_uid}",
+                                       str(members[0].path.parent.relative_to(raw_dir)),
+                                       patient_id=min(h.patient_id for h in members) or None,
+                                       files=tuple(dict.fromkeys(h.path for h in members))))
+            records[series_uid] = record
+            problem = _series_problem(members)
+            if problem is not None:
+                ledger.quarantine(record, *problem)
+            else:
+                tasks.append(SeriesTask(series_uid, members, images_dir / interim_image_name(pseudo, series_uid),
+                                        pseudo.key, pseudo.max_date_shift_days))
+        rows = []
+        for outcome in _map(pool, _assemble_series, tasks):
+            record = records[outcome["series_uid"]]
+            if outcome["error"] is not None:
+                ledger.quarantine(record, *outcome["error"])
+                continue
+            rows.append({RECORD_ID: record.record_id, "patient_id": record.patient_id, "mask_file": None,
+                         **{k: v for k, v in outcome.items() if k != "error"}})
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return rows, records
+
+
+def ingest_nifti(
+    raw_dir: Path, cases: dict[str, list[Path]], images_dir: Path, ledger: Ledger, channel: str,
+    pseudo: Pseudonymizer,
+) -> tuple[list[dict[str, Any]], dict[str, Record]]:
+    """BraTS cases -> image rows (the chosen channel) with their segmentation as the lesion mask.
+
+    Rows and records are keyed by record id (``nifti/<case>``); MR intensities are not HU, so
+    ``hu_min``/``hu_max`` stay empty.
+    """
+    rows, records = [], {}
+    for case_id, files in sorted(cases.items()):
+        source = str(files[0].parent.relative_to(raw_dir))
+        record = ledger.add(Record("image_series", f"nifti/{case_id}", source, patient_id=case_id,
+                                   files=tuple(sorted(files))))
+        records[record.record_id] = record
+        try:
+            case = load_brats_case(case_id, files, channel)
+        except CaseError as error:
+            ledger.quarantine(record, error.reason, error.message)
+            continue
+        series_uid = f"nifti:{case_id}"
+        save_nifti(case.image, case.affine, images_dir / interim_image_name(pseudo, series_uid))
+        mask_file = f"{pseudo.uid(series_uid)}.mask.nii.gz"
+        save_nifti(case.mask, case.affine, images_dir / mask_file)
+        rows.append({RECORD_ID: record.record_id, "patient_id": case_id, "series_uid": series_uid,
+                     "n_slices": int(case.image.shape[2]), "hu_min": None, "hu_max": None,
+                     "shape": list(case.image.shape), "affine": case.affine.tolist(),
+                     "spacing_mm": [float(v) for v in nib.affines.voxel_sizes(case.affine)],
+                     "header": None, "names": (), "mask_file": mask_file})
+    return rows, records

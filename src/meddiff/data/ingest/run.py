@@ -1,0 +1,157 @@
+"""The ``ingest`` stage: inventory -> imaging -> EHR -> validated tables -> manifest -> quarantine + report."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from meddiff.config import Params
+from meddiff.data.deid import Pseudonymizer, resolve_key
+from meddiff.data.ingest.ehr import read_ehr
+from meddiff.data.ingest.imaging import SERIES_COLUMNS, SERIES_VALIDATED_COLUMNS, ingest_dicom, ingest_nifti
+from meddiff.data.ingest.inventory import Inventory, take_inventory
+from meddiff.data.ingest.manifest import (
+    MANIFEST_FILE,
+    InterimLayout,
+    ManifestContext,
+    ManifestInputs,
+    assemble_manifest,
+)
+from meddiff.data.ingest.notes import note_table
+from meddiff.data.ingest.report import validation_report, write_report
+from meddiff.data.ingest.tables import (
+    TableSpec,
+    condition_table,
+    observation_table,
+    patient_identifiers,
+    patient_table,
+    validate_tables,
+)
+from meddiff.data.quarantine import Ledger
+from meddiff.data.validation import condition_rules, note_rules, observation_rules, patient_rules, series_rules
+from meddiff.io import atomic_dir
+
+LOG = logging.getLogger(__name__)
+
+#: ``ingest.num_workers: 0`` means one worker per core, at most this many (DICOM decoding is memory-bound)
+MAX_AUTO_WORKERS = 8
+
+
+@dataclass
+class IngestResult:
+    """Summary of ``meddiff ingest``: where the manifest is and the ledger's counts (``seconds``: wall clock)."""
+
+    interim_dir: Path
+    manifest: Path
+    n_patients: int
+    records_in: int
+    accepted: int
+    quarantined: int
+    quarantined_by_reason: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _worker_count(configured: int) -> int:
+    return configured if configured > 0 else max(1, min(os.cpu_count() or 1, MAX_AUTO_WORKERS))
+
+
+def _checked_class_names(params: Params) -> list[str]:
+    """``cohort.classes``; ``ValueError`` if ``ingest.icd10_to_class`` maps a code to any other class."""
+    class_names = list(params.cohort.classes)
+    unknown_classes = sorted(set(params.ingest.icd10_to_class.values()) - set(class_names))
+    if unknown_classes:
+        raise ValueError(f"ingest.icd10_to_class maps to {unknown_classes}, not in cohort.classes {class_names}")
+    return class_names
+
+
+def _read_imaging(params: Params, raw_dir: Path, found: Inventory, images_dir: Path, ledger: Ledger,
+                  pseudo: Pseudonymizer) -> pd.DataFrame:
+    """DICOM series and BraTS cases -> the image series table (``SERIES_COLUMNS``); NIfTI written to images_dir."""
+    started = time.perf_counter()
+    config = params.ingest
+    dicom_rows, dicom_records = ingest_dicom(raw_dir, found.dicom, images_dir, ledger,
+                                             _worker_count(config.num_workers), pseudo)
+    nifti_rows, nifti_records = ingest_nifti(raw_dir, found.nifti_cases, images_dir, ledger, config.brats_channel,
+                                             pseudo)
+    LOG.info("ingest: %d DICOM files -> %d series, %d NIfTI cases (%.1f s)", len(found.dicom),
+             len(dicom_records), len(nifti_records), time.perf_counter() - started)
+    return pd.DataFrame(dicom_rows + nifti_rows, columns=SERIES_COLUMNS)
+
+
+def run_ingest(
+    params: Params, raw_dir: Path, interim_dir: Path, quarantine_dir: Path, report_dir: Path
+) -> IngestResult:
+    """Read, validate, quarantine and de-identify the raw drop; write the interim manifest, images, masks.
+
+    ``raw_dir`` may be ``s3://bucket/prefix`` (staged locally first). Raises ``FileNotFoundError`` when
+    there is no raw directory, ``ValueError`` for a diagnosis map outside ``cohort.classes`` and
+    :class:`meddiff.data.deid.DeidKeyError` when no usable de-identification key is available.
+    All three output folders are written atomically.
+    """
+    started = time.perf_counter()
+    from meddiff.data.s3 import stage_raw_dir  # s3://bucket/prefix: download to a local staging folder
+
+    raw_dir = stage_raw_dir(raw_dir)
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"{raw_dir}: raw data directory not found; run `meddiff cohort` first")
+    config = params.ingest
+    class_names = _checked_class_names(params)
+    key, key_source = resolve_key(config.deid_key_env, config.allow_ephemeral_key_for_synthetic, raw_dir)
+    pseudo = Pseudonymizer(key, config.deid_max_date_shift_days)
+    LOG.info("ingest: de-identification key %s", key_source)
+    reference_date = datetime.date.fromisoformat(config.reference_date)
+    ledger = Ledger()
+    found = take_inventory(raw_dir, ledger)
+
+    with (
+        atomic_dir(interim_dir) as interim,
+        atomic_dir(quarantine_dir) as quarantine,
+        atomic_dir(report_dir) as report,
+    ):
+        layout = InterimLayout(interim)
+        for directory in (layout.images, layout.masks, layout.headers):
+            directory.mkdir()
+        # imaging first: worker processes fork before great-expectations is imported
+        series = _read_imaging(params, raw_dir, found, layout.images, ledger, pseudo)
+        ehr = read_ehr(found.ndjson, found.bundles, found.csv, raw_dir, ledger)
+        tables = (
+            TableSpec("patient", patient_table(ehr.items["patient"], config, reference_date),
+                      patient_rules(config.age_range)),
+            TableSpec("observation", observation_table(ehr.items["observation"], config),
+                      observation_rules(config.lab_ranges, config.lab_units)),
+            TableSpec("condition", condition_table(ehr.items["condition"], config), condition_rules(class_names)),
+            TableSpec("note", note_table(found.notes, ehr.items["note"], raw_dir, ledger),
+                      note_rules(config.min_note_chars)),
+            TableSpec("image_series", series[SERIES_VALIDATED_COLUMNS], series_rules()),
+        )
+        validations = validate_tables(tables, ledger)
+
+        frames = {spec.kind: spec.frame for spec in tables}
+        manifest = assemble_manifest(
+            ManifestInputs(patients=frames["patient"], observations=frames["observation"],
+                           conditions=frames["condition"], notes=frames["note"], series=series,
+                           identifiers=patient_identifiers(ehr.items["patient"]), mask_paths=found.masks),
+            ManifestContext(ledger, pseudo, layout, raw_dir, list(config.lab_units), config.deid_max_age),
+        )
+        manifest.to_parquet(interim / MANIFEST_FILE, index=False)
+
+        summary = ledger.summary()
+        ledger.write(quarantine, raw_dir)
+        ledger.log_warnings(config.max_logged_warnings)
+        write_report(report, validation_report(summary, manifest, ehr.ignored_entries, key_source, validations),
+                     validations)
+
+    seconds = time.perf_counter() - started
+    LOG.info("ingest: %d records, %d accepted, %d quarantined; %d patients in the manifest (%.1f s)",
+             summary["records_in"], summary["accepted"], summary["quarantined"], len(manifest), seconds)
+    return IngestResult(
+        interim_dir=Path(interim_dir), manifest=Path(interim_dir) / MANIFEST_FILE, n_patients=len(manifest),
+        records_in=summary["records_in"], accepted=summary["accepted"], quarantined=summary["quarantined"],
+        quarantined_by_reason=summary["quarantined_by_reason"], seconds=round(seconds, 2),
+    )
