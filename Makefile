@@ -16,7 +16,7 @@ help:
 	@echo "make run      set up .venv, then dvc repro the whole pipeline on the built-in cohort"
 	@echo "make test     set up .venv, then run the test suite"
 	@echo "make suite    ablations and baselines (trains ~9 models; after make run)"
-	@echo "make lint     ruff"
+	@echo "make lint     ruff + import-linter (layers contract)"
 	@echo "make compile  compile the Kubeflow pipeline to pipeline.yaml"
 	@echo "make images REGISTRY=host/path   build + push the CPU and CUDA stage images (needs a Docker engine)"
 	@echo "make bench    run the benchmarks under bench/"
@@ -54,6 +54,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src components pipelines tests bench
+	$(BIN)/lint-imports
 
 compile: $(STAMP)
 	$(BIN)/meddiff pipeline compile --output pipeline.yaml

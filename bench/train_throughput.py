@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_tiny_processed
 
 from meddiff.config import Params, apply_overrides
-from meddiff.training.batches import MODEL_INPUTS, to_batch
+from meddiff.data.batches import model_inputs, to_batch
+from meddiff.model.latent_stack import LatentStack
+from meddiff.training.loop import build_model
 from meddiff.training.masking import sample_modality_mask
 from meddiff.training.objective import compute_losses
-from meddiff.training.train import build_model
 
 
 def sync(device: torch.device) -> None:
@@ -81,11 +82,12 @@ def main() -> None:
 
     def step_ours(batch: dict) -> None:
         t0 = time.perf_counter()
-        used = sample_modality_mask(batch["present"].cpu(), params.train.modality_dropout_p, generator).to(device)
+        present = batch["modality_present"].cpu()
+        masked_present = sample_modality_mask(present, params.train.modality_dropout_p, generator).to(device)
         sync(device)
         t1 = time.perf_counter()
         with autocast:
-            output = ours({k: batch[k] for k in MODEL_INPUTS}, used)
+            output = ours(model_inputs(batch), masked_present)
             losses = compute_losses(ours, batch, output, params.train, None)
         sync(device)
         t2 = time.perf_counter()
@@ -101,12 +103,12 @@ def main() -> None:
             breakdown[key] += value
 
     def step_plain(batch: dict) -> None:
-        used = batch["present"]
+        present = batch["modality_present"]
         with autocast:
-            output = plain({k: batch[k] for k in MODEL_INPUTS}, used)
+            output = plain(model_inputs(batch), present)
             loss = torch.nn.functional.cross_entropy(output.logits, batch["label"])
-            stack = torch.cat([output.z.unsqueeze(1), output.modality_latents], dim=1).detach()
-            loss = loss + plain.diffusion.loss(stack, batch["label"])
+            stack = LatentStack.build(output.modality_latents, present, z=output.z)
+            loss = loss + plain.diffusion.loss(stack.values.detach(), batch["label"])
             z = output.z
             loss = loss + ((plain.image_decoder(z) - batch["image"]) ** 2).mean()
             loss = loss + ((plain.tabular_decoder(z) - batch["tabular"]) ** 2).mean()

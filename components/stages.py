@@ -4,17 +4,16 @@ Each component is a *lightweight* Python component whose ``base_image`` is the p
 already holds ``meddiff`` and ``kfp`` (see ``docker/``): nothing is pip-installed at run time
 (``install_kfp_package=False``, no ``packages_to_install``).
 
-Lightweight components are serialized from their function *source*, so every body below is
-self-contained: it imports what it needs inside the function, and holds no logic beyond turning KFP
-inputs into a :func:`meddiff.stages.run_stage` call. How they meet:
+Lightweight components are serialized from their function *source*, so every body below is one
+self-contained library call, :func:`meddiff.stages.run_component`, which does everything else:
 
 * parameters travel as one string, ``params_json`` (the validated :class:`meddiff.config.Params` as
-  JSON), re-validated in the component with :func:`meddiff.config.params_from_dict`;
-* ``data_version`` (the DVC data version, a git rev) is exported as ``$MEDDIFF_DATA_VERSION`` before the
-  stage runs and returned with the result, so every task records which data it ran on;
-* data travels as KFP artifacts: each ``Output[...]`` artifact's ``path`` is handed to the stage as a
-  *directory* (the stage creates it) and each ``Input[...]`` artifact's ``path`` is read as one. The
-  artifact names are the stage's path arguments without ``_dir`` (``raw`` → ``raw_dir``);
+  JSON), re-validated in the component;
+* ``data_version`` (the version of the data the run reads) is exported as ``$MEDDIFF_DATA_VERSION``
+  before the stage runs and returned with the result, so every task records which data it ran on;
+* data travels as KFP artifacts: each artifact's ``path`` is handed to the stage as the *folder* of the
+  port of the same name in :data:`meddiff.stage_table.STAGES` (``raw`` → ``raw_dir``); the artifact
+  types are the ports' kinds (a test checks every signature against the table);
 * each component returns the stage result (counts, metrics, paths) plus ``data_version`` as a dict, its
   ``Output`` parameter.
 
@@ -33,6 +32,7 @@ from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 from kfp.dsl.python_component import PythonComponent
 
 import meddiff
+from meddiff.stage_table import PIPELINE_STAGES, STAGES
 
 #: Registry the default images are published to (see docs/kubeflow.md).
 IMAGE_REPOSITORY = "ghcr.io/meddiff/meddiff"
@@ -61,23 +61,15 @@ def default_gpu_image(image: str | None = None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Component functions. Self-contained bodies: they are shipped to the cluster as source text.
+# Component functions: one per pipeline stage, each body one library call (shipped as source text).
 # --------------------------------------------------------------------------------------------------
 
 
 def cohort(params_json: str, raw: Output[Dataset], data_version: str = "") -> dict:
     """Write the built-in synthetic cohort (DICOM, NIfTI masks, FHIR R4, notes) into ``raw``."""
-    import json
-    import os
+    from meddiff.stages import run_component
 
-    from meddiff.config import params_from_dict
-    from meddiff.stages import result_to_dict, run_stage
-
-    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
-        os.environ["MEDDIFF_DATA_VERSION"] = data_version
-    params = params_from_dict(json.loads(params_json), source="params_json")
-    result = run_stage("cohort", params, raw_dir=raw.path)
-    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
+    return run_component("cohort", params_json, data_version, raw=raw)
 
 
 def ingest(
@@ -90,67 +82,33 @@ def ingest(
 ) -> dict:
     """Read, de-identify and validate ``raw``; accepted records go to ``interim``, rejected ones to
     ``quarantine``; ``report`` holds ``validation.json``."""
-    import json
-    import os
+    from meddiff.stages import run_component
 
-    from meddiff.config import params_from_dict
-    from meddiff.stages import result_to_dict, run_stage
-
-    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
-        os.environ["MEDDIFF_DATA_VERSION"] = data_version
-    params = params_from_dict(json.loads(params_json), source="params_json")
-    result = run_stage(
-        "ingest",
-        params,
-        raw_dir=raw.path,
-        interim_dir=interim.path,
-        quarantine_dir=quarantine.path,
-        report_dir=report.path,
+    return run_component(
+        "ingest", params_json, data_version, raw=raw, interim=interim, quarantine=quarantine, report=report
     )
-    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
 
 
 def preprocess(
-    params_json: str,
-    interim: Input[Dataset],
-    processed: Output[Dataset],
-    report: Output[Artifact],
+    params_json: str, interim: Input[Dataset], processed: Output[Dataset], report: Output[Artifact],
     data_version: str = "",
 ) -> dict:
     """MONAI transforms, note tokenizer, tabular scaling and stratified splits into ``processed``;
     ``report`` holds the data card."""
-    import json
-    import os
+    from meddiff.stages import run_component
 
-    from meddiff.config import params_from_dict
-    from meddiff.stages import result_to_dict, run_stage
-
-    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
-        os.environ["MEDDIFF_DATA_VERSION"] = data_version
-    params = params_from_dict(json.loads(params_json), source="params_json")
-    result = run_stage(
-        "preprocess", params, interim_dir=interim.path, processed_dir=processed.path, report_dir=report.path
-    )
-    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
+    return run_component("preprocess", params_json, data_version, interim=interim, processed=processed, report=report)
 
 
 def train(params_json: str, processed: Input[Dataset], model: Output[Model], data_version: str = "") -> dict:
-    """Train the multimodal diffusion model into ``model`` (checkpoint + ``run.json``).
+    """Train the multimodal diffusion model into ``model`` (weights, spec, ``run.json``).
 
     The stage logs to MLflow at ``$MLFLOW_TRACKING_URI`` when the pod has it (set by the pipeline at
     compile time or from the ``pipeline.credentials_secret`` Secret), else at ``tracking.tracking_uri``.
     """
-    import json
-    import os
+    from meddiff.stages import run_component
 
-    from meddiff.config import params_from_dict
-    from meddiff.stages import result_to_dict, run_stage
-
-    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
-        os.environ["MEDDIFF_DATA_VERSION"] = data_version
-    params = params_from_dict(json.loads(params_json), source="params_json")
-    result = run_stage("train", params, processed_dir=processed.path, model_dir=model.path)
-    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
+    return run_component("train", params_json, data_version, processed=processed, model=model)
 
 
 def evaluate(
@@ -162,42 +120,30 @@ def evaluate(
     data_version: str = "",
 ) -> dict:
     """Evaluate on the test split and under modality masking; ``report`` holds ``metrics.json``,
-    ``robustness.csv`` and plots. Every finite numeric leaf of ``metrics.json`` is also logged to
-    ``metrics`` under its dotted key (``test.auc_macro``), so the KFP UI shows it."""
-    import json
-    import math
-    import os
-    from pathlib import Path
+    ``robustness.csv`` and plots; every finite number of ``metrics.json`` is also logged to ``metrics``
+    under its dotted key (``test.auc_macro.value``), so the KFP UI shows it."""
+    from meddiff.stages import run_component
 
-    from meddiff.config import params_from_dict
-    from meddiff.stages import result_to_dict, run_stage
+    return run_component(
+        "evaluate", params_json, data_version, metrics=metrics, processed=processed, model=model, report=report
+    )
 
-    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
-        os.environ["MEDDIFF_DATA_VERSION"] = data_version
-    params = params_from_dict(json.loads(params_json), source="params_json")
-    result = run_stage("evaluate", params, processed_dir=processed.path, model_dir=model.path, report_dir=report.path)
 
-    metrics_file = Path(report.path) / "metrics.json"
-    if not metrics_file.is_file():
-        raise FileNotFoundError(f"{metrics_file}: the evaluate stage must write metrics.json to its report_dir")
+def promote(
+    params_json: str,
+    processed: Input[Dataset],
+    model: Input[Model],
+    evaluation: Input[Artifact],
+    report: Output[Artifact],
+    data_version: str = "",
+) -> dict:
+    """The registry gate: alias ``champion`` moves to the evaluated version only if it beats the current
+    champion on the same test split; ``report`` holds ``decision.json``."""
+    from meddiff.stages import run_component
 
-    def numeric_leaves(node: object, prefix: str) -> list[tuple[str, float]]:
-        if isinstance(node, dict):
-            items = [(f"{prefix}{key}", value) for key, value in node.items()]
-        elif isinstance(node, list):
-            items = [(f"{prefix}{index}", value) for index, value in enumerate(node)]
-        elif isinstance(node, int | float) and not isinstance(node, bool) and math.isfinite(node):
-            return [(prefix.rstrip("."), float(node))]
-        else:
-            return []
-        leaves = []
-        for key, value in items:
-            leaves.extend(numeric_leaves(value, f"{key}."))
-        return leaves
-
-    for key, value in numeric_leaves(json.loads(metrics_file.read_text()), ""):
-        metrics.log_metric(key, value)
-    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
+    return run_component(
+        "promote", params_json, data_version, processed=processed, model=model, evaluation=evaluation, report=report
+    )
 
 
 def generate(
@@ -208,62 +154,34 @@ def generate(
     report: Output[Artifact],
     data_version: str = "",
 ) -> dict:
-    """Sample class-conditional synthetic patients into ``synthetic`` (DICOM, FHIR, notes);
-    ``report`` holds their quality and privacy metrics."""
-    import json
-    import os
+    """Sample class-conditional synthetic patients into ``synthetic``; ``report`` holds their quality
+    metrics."""
+    from meddiff.stages import run_component
 
-    from meddiff.config import params_from_dict
-    from meddiff.stages import result_to_dict, run_stage
-
-    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
-        os.environ["MEDDIFF_DATA_VERSION"] = data_version
-    params = params_from_dict(json.loads(params_json), source="params_json")
-    result = run_stage(
-        "generate",
-        params,
-        processed_dir=processed.path,
-        model_dir=model.path,
-        synthetic_dir=synthetic.path,
-        report_dir=report.path,
+    return run_component(
+        "generate", params_json, data_version, processed=processed, model=model, synthetic=synthetic, report=report
     )
-    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
 
 
 def explain(
-    params_json: str,
-    processed: Input[Dataset],
-    model: Input[Model],
-    report: Output[Artifact],
-    data_version: str = "",
+    params_json: str, processed: Input[Dataset], model: Input[Model], report: Output[Artifact], data_version: str = ""
 ) -> dict:
-    """Attention attributions, Dice against lesion masks and the HTML report, into ``report``."""
-    import json
-    import os
+    """Attributions, localisation scores against lesion masks and the HTML report, into ``report``."""
+    from meddiff.stages import run_component
 
-    from meddiff.config import params_from_dict
-    from meddiff.stages import result_to_dict, run_stage
-
-    if data_version:  # the DVC data version this run reads, for the stage's MLflow tags and logs
-        os.environ["MEDDIFF_DATA_VERSION"] = data_version
-    params = params_from_dict(json.loads(params_json), source="params_json")
-    result = run_stage("explain", params, processed_dir=processed.path, model_dir=model.path, report_dir=report.path)
-    return {**json.loads(json.dumps(result_to_dict(result), default=str)), "data_version": data_version}
+    return run_component("explain", params_json, data_version, processed=processed, model=model, report=report)
 
 
-#: Component function per stage, in pipeline order (the keys are :data:`meddiff.stages.STAGES`).
+#: Component function per pipeline stage, in pipeline order.
 STAGE_FUNCTIONS: dict[str, Callable[..., dict]] = {
-    "cohort": cohort,
-    "ingest": ingest,
-    "preprocess": preprocess,
-    "train": train,
-    "evaluate": evaluate,
-    "generate": generate,
-    "explain": explain,
+    name: function
+    for name, function in (
+        ("cohort", cohort), ("ingest", ingest), ("preprocess", preprocess), ("train", train),
+        ("evaluate", evaluate), ("promote", promote), ("generate", generate), ("explain", explain),
+    )
 }
-
-#: Stages that run in the CUDA image (and request a GPU in the pipeline).
-GPU_STAGES: frozenset[str] = frozenset({"train"})
+if tuple(STAGE_FUNCTIONS) != PIPELINE_STAGES:
+    raise ImportError(f"components {list(STAGE_FUNCTIONS)} do not match the stage table {list(PIPELINE_STAGES)}")
 
 
 def build_component(stage: str, image: str) -> PythonComponent:
@@ -274,11 +192,11 @@ def build_component(stage: str, image: str) -> PythonComponent:
 
 
 def build_components(image: str | None = None, gpu_image: str | None = None) -> dict[str, PythonComponent]:
-    """Every stage's component, keyed by stage name in pipeline order.
+    """Every pipeline stage's component, keyed by stage name in pipeline order.
 
-    ``image`` defaults to :func:`default_image`; the stages in :data:`GPU_STAGES` use ``gpu_image``,
-    which defaults to :func:`default_gpu_image`.
+    ``image`` defaults to :func:`default_image`; stages that need a GPU (``resources.gpus`` in the stage
+    table) use ``gpu_image``, which defaults to :func:`default_gpu_image`.
     """
     cpu = image or default_image()
     gpu = gpu_image or default_gpu_image(image)
-    return {stage: build_component(stage, gpu if stage in GPU_STAGES else cpu) for stage in STAGE_FUNCTIONS}
+    return {stage: build_component(stage, gpu if STAGES[stage].gpus else cpu) for stage in STAGE_FUNCTIONS}

@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import docker
     import meddiff
-    from meddiff.kfp_client import DockerUnavailableError, connect_docker
+    from meddiff_pipelines.local import DockerUnavailableError, connect_docker
     from meddiff.tracking import git_commit
 
     commit = git_commit()

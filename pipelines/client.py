@@ -1,18 +1,16 @@
-"""Kubeflow Pipelines from the workstation: submit a run, schedule retraining, run the pipeline locally.
+"""Kubeflow Pipelines from the workstation: submit a run, schedule retraining.
 
-The logic behind ``meddiff pipeline submit | schedule | run`` (the CLI only parses flags):
+The logic behind ``meddiff pipeline submit | schedule`` (the CLI only parses flags; local runs are
+:mod:`meddiff_pipelines.local`):
 
 * :func:`submit` compiles the pipeline, makes sure the KFP pipeline ``meddiff`` exists, uploads a
   pipeline *version* named after the git commit, files a run under the experiment and returns ids;
 * :func:`schedule` does the same but creates a *recurring run*: a 6-field cron, ``max_concurrency=1``,
   no catch-up, so that missed slots never pile up into a burst of GPU jobs;
-* :func:`run_local` runs the whole pipeline on this machine with ``kfp.local`` (``SubprocessRunner`` in
-  the current interpreter, or ``DockerRunner`` against the built images; the latter first checks that
-  a Docker engine answers and stops at once if none does).
 
 Every run carries two pipeline parameters: ``params_json`` (the validated params) and ``data_version``
 (the DVC data version, a git rev, default the current commit), so it is reproducible from a commit plus
-params. Heavy imports (``kfp``, ``docker``) happen inside the functions.
+params. Heavy imports (``kfp``) happen inside the functions.
 """
 
 from __future__ import annotations
@@ -29,25 +27,17 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from meddiff.config import Params
 from meddiff.tracking import git_commit
 
 HOST_ENV = "KFP_HOST"
 TOKEN_ENV = "KFP_TOKEN"
-#: Seconds the Docker engine has to answer before a Docker run or image build gives up.
-DOCKER_TIMEOUT_S = 5.0
-
-Runner = Literal["subprocess", "docker"]
 
 
 class KfpError(RuntimeError):
     """A KFP endpoint that is missing, unreachable or refuses a request; the message says which."""
-
-
-class DockerUnavailableError(RuntimeError):
-    """No Docker engine answered."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,6 +218,15 @@ class Prepared:
     commit: str
     parameters: dict[str, str]
 
+    def filed(self) -> dict[str, str]:
+        """The :class:`Filed` fields of a run filed from this preparation."""
+        return {
+            "host": self.endpoint.host, "experiment": self.experiment, "experiment_id": self.experiment_id,
+            "pipeline_id": self.upload.pipeline_id, "pipeline_version": self.upload.pipeline_version,
+            "pipeline_version_id": self.upload.pipeline_version_id,
+            "data_version": self.parameters["data_version"], "commit": self.commit,
+        }
+
 
 def _prepare(
     params: Params,
@@ -262,20 +261,26 @@ def _prepare(
 
 
 @dataclass(frozen=True)
-class Submitted:
+class Filed:
+    """Where a run or a recurring run was filed: endpoint, experiment, pipeline version, data and code."""
+
     host: str
     experiment: str
     experiment_id: str
     pipeline_id: str
     pipeline_version: str
     pipeline_version_id: str
-    run_id: str
-    run_name: str
     data_version: str
     commit: str
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Submitted(Filed):
+    run_id: str
+    run_name: str
 
 
 def submit(
@@ -307,39 +312,17 @@ def submit(
             version_id=prepared.upload.pipeline_version_id,
             service_account=params.pipeline.service_account or None,
         )
-    return Submitted(
-        host=endpoint.host,
-        experiment=prepared.experiment,
-        experiment_id=prepared.experiment_id,
-        pipeline_id=prepared.upload.pipeline_id,
-        pipeline_version=prepared.upload.pipeline_version,
-        pipeline_version_id=prepared.upload.pipeline_version_id,
-        run_id=run.run_id,
-        run_name=name,
-        data_version=prepared.parameters["data_version"],
-        commit=prepared.commit,
-    )
+    return Submitted(**prepared.filed(), run_id=run.run_id, run_name=name)
 
 
 @dataclass(frozen=True)
-class Scheduled:
-    host: str
-    experiment: str
-    experiment_id: str
-    pipeline_id: str
-    pipeline_version: str
-    pipeline_version_id: str
+class Scheduled(Filed):
     recurring_run_id: str
     name: str
     cron: str
     max_concurrency: int
     no_catchup: bool
     replaced: list[str]
-    data_version: str
-    commit: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def schedule(
@@ -393,98 +376,6 @@ def schedule(
             service_account=params.pipeline.service_account or None,
         )
     return Scheduled(
-        host=endpoint.host,
-        experiment=prepared.experiment,
-        experiment_id=prepared.experiment_id,
-        pipeline_id=prepared.upload.pipeline_id,
-        pipeline_version=prepared.upload.pipeline_version,
-        pipeline_version_id=prepared.upload.pipeline_version_id,
-        recurring_run_id=created.recurring_run_id,
-        name=name,
-        cron=cron,
-        max_concurrency=1,
-        no_catchup=True,
-        replaced=existing,
-        data_version=prepared.parameters["data_version"],
-        commit=prepared.commit,
+        **prepared.filed(), recurring_run_id=created.recurring_run_id, name=name, cron=cron,
+        max_concurrency=1, no_catchup=True, replaced=existing,
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# Docker engine and local runs
-# --------------------------------------------------------------------------------------------------
-
-
-def connect_docker(timeout: float = DOCKER_TIMEOUT_S) -> Any:  # -> docker.DockerClient
-    """A Docker SDK client whose engine answered ``ping`` within ``timeout`` seconds, else
-    :class:`DockerUnavailableError` naming the endpoint tried (``$DOCKER_HOST`` or the default socket)."""
-    import docker
-
-    where = os.environ.get("DOCKER_HOST") or "the default socket (unix:///var/run/docker.sock)"
-    try:
-        client = docker.from_env(timeout=timeout)
-    except docker.errors.DockerException as error:
-        raise DockerUnavailableError(f"no Docker engine answers at {where}: {error}") from None
-    try:
-        client.ping()
-    except Exception as error:  # requests/urllib3 errors as well as DockerException
-        client.close()
-        raise DockerUnavailableError(f"no Docker engine answers at {where}: {error}") from None
-    return client
-
-
-@dataclass(frozen=True)
-class LocalRun:
-    runner: str
-    pipeline_root: str
-    run_dir: str
-    data_version: str
-    seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def run_local(
-    params: Params,
-    runner: Runner = "subprocess",
-    pipeline_root: str | Path = "local_outputs",
-    data_version: str | None = None,
-    image: str | None = None,
-    gpu_image: str | None = None,
-    docker_timeout: float = DOCKER_TIMEOUT_S,
-) -> LocalRun:
-    """Run the whole pipeline here with ``kfp.local``; outputs under ``pipeline_root/meddiff-<time>/``.
-
-    ``subprocess``: every task in a subprocess of this interpreter (``SubprocessRunner(use_venv=False)``;
-    images, resources and Kubernetes settings are ignored). ``docker``: every task in its image
-    (``DockerRunner``), which must exist locally or be pullable; the engine is checked first and an
-    absent one stops the run at once with :class:`DockerUnavailableError`.
-    """
-    from kfp import local
-    from meddiff_pipelines.pipeline import build_pipeline
-
-    if runner not in ("subprocess", "docker"):
-        raise ValueError(f"runner must be 'subprocess' or 'docker', got {runner!r}")
-    root = Path(pipeline_root).resolve()
-    if runner == "docker":
-        connect_docker(docker_timeout).close()
-        root.mkdir(parents=True, exist_ok=True)
-        # The images end in ENTRYPOINT ["meddiff"]; KFP passes the whole command, so reset the entrypoint.
-        # Run as the caller so that outputs under the bind-mounted root stay the caller's; work in that
-        # root so that relative stage paths (a sqlite MLflow store) land there, not in the image.
-        backend = local.DockerRunner(entrypoint=[""], user=f"{os.getuid()}:{os.getgid()}", working_dir=str(root))
-    else:
-        backend = local.SubprocessRunner(use_venv=False)
-    data_version = data_version or git_commit()
-    local.init(runner=backend, pipeline_root=str(root), raise_on_error=True)
-    before = set(root.iterdir()) if root.is_dir() else set()
-    started = time.perf_counter()
-    # kfp.local logs and streams task output to stdout; keep stdout for the caller's result
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-        warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
-        warnings.filterwarnings("ignore", message="Task .* have no effect in the current local runner")
-        build_pipeline(params, image=image, gpu_image=gpu_image, data_version=data_version)()
-    seconds = time.perf_counter() - started
-    new = sorted(path for path in set(root.iterdir()) - before if path.is_dir())
-    return LocalRun(runner, str(root), str(new[-1]) if new else str(root), data_version, round(seconds, 1))

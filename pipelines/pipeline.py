@@ -1,10 +1,14 @@
-"""The meddiff Kubeflow Pipelines (v2) pipeline: the seven stage components chained by their artifacts.
+"""The meddiff Kubeflow Pipelines (v2) pipeline: the stage components chained by their artifacts.
 
 ::
 
-    cohort → ingest → preprocess → train ─┬→ evaluate
+    cohort → ingest → preprocess → train ─┬→ evaluate → promote
                                           ├→ generate
                                           └→ explain
+
+The graph is derived from the stage table (:data:`meddiff.stage_table.STAGES`): every stage input is
+wired to the output of the earlier stage that carries the same data, so the table is the one place
+that says what runs after what, and what each task needs (resources, GPU, retries, caching).
 
 Two pipeline parameters. ``params_json`` carries every hyperparameter: its default is the validated
 params (``params.yaml`` plus any ``--set`` overrides) as JSON, so a run started without arguments uses
@@ -14,12 +18,12 @@ every component exports it as ``$MEDDIFF_DATA_VERSION`` and returns it with its 
 reproducible from a commit plus params. Data moves only through KFP artifacts (see
 :mod:`meddiff_components.stages`); ``params.paths`` is not used on the cluster.
 
-Platform settings (``params.yaml`` ``pipeline``, plus the constants below): the training task requests
+Platform settings (``params.yaml`` ``pipeline``, plus the stage table): the training task requests
 one ``nvidia.com/gpu``, tolerates the GPU pool's ``nvidia.com/gpu:NoSchedule`` taint and must land on
 nodes matching ``pipeline.gpu_node_selector``; every task has a pod deadline from
 ``pipeline.timeouts``; the I/O stages retry with exponential backoff; the deterministic stages are
-cached, training only when ``pipeline.cache_training``; every task may read credentials from the
-optional Secret ``pipeline.credentials_secret`` (see ``infra/README.md``) and takes
+cached, training only when ``pipeline.cache_training``, the registry gate never; every task may read
+credentials from the optional Secret ``pipeline.credentials_secret`` (see ``infra/README.md``) and takes
 ``MLFLOW_TRACKING_URI`` from the environment the pipeline is compiled in, else from the optional
 ConfigMap ``pipeline.config_map``.
 
@@ -39,6 +43,7 @@ from meddiff_components.stages import build_components
 
 from meddiff.config import Params, PipelineConfig
 from meddiff.io import atomic_file
+from meddiff.stage_table import PIPELINE_STAGES, STAGES, Caching, producers
 from meddiff.tracking import git_commit
 
 PIPELINE_NAME = "meddiff"
@@ -67,28 +72,6 @@ GPU_RESOURCE = "nvidia.com/gpu"
 
 
 @dataclass(frozen=True)
-class TaskResources:
-    """Kubernetes requests/limits for one task (CPU in cores, memory as a quantity)."""
-
-    cpu_request: str
-    memory_request: str
-    memory_limit: str
-    gpus: int = 0
-
-
-#: Sized for the built-in cohort (400 patients, 32³ volumes); raise them with the cohort.
-RESOURCES: dict[str, TaskResources] = {
-    "cohort": TaskResources("1", "2Gi", "4Gi"),
-    "ingest": TaskResources("2", "4Gi", "8Gi"),
-    "preprocess": TaskResources("2", "4Gi", "8Gi"),
-    "train": TaskResources("4", "16Gi", "32Gi", gpus=1),
-    "evaluate": TaskResources("2", "8Gi", "16Gi"),
-    "generate": TaskResources("2", "8Gi", "16Gi"),
-    "explain": TaskResources("2", "8Gi", "16Gi"),
-}
-
-
-@dataclass(frozen=True)
 class Retry:
     """``PipelineTask.set_retry`` arguments: retries with exponential backoff."""
 
@@ -96,16 +79,6 @@ class Retry:
     backoff_duration: str = "30s"
     backoff_factor: float = 2.0
     backoff_max_duration: str = "600s"
-
-
-#: Stages that touch storage (cohort writes the raw tree, ingest reads it): transient I/O failures
-#: are worth a retry. Training and the report stages are deterministic compute; a retry repeats the
-#: failure at GPU cost.
-RETRIES: dict[str, Retry] = {"cohort": Retry(), "ingest": Retry()}
-
-#: Stages cached only when ``pipeline.cache_training`` is true: a retraining run must train again even
-#: when its inputs did not change. Every other stage is deterministic given its inputs and is cached.
-UNCACHED_UNLESS_ASKED: frozenset[str] = frozenset({"train"})
 
 
 def params_to_json(params: Params) -> str:
@@ -116,7 +89,8 @@ def params_to_json(params: Params) -> str:
 def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineConfig) -> dsl.PipelineTask:
     """Resources, GPU, toleration, node selector, timeout, retries, caching, credentials and environment
     for one stage's task."""
-    resources = RESOURCES[stage]
+    spec = STAGES[stage]
+    resources = spec.resources
     task.set_cpu_request(resources.cpu_request)
     task.set_memory_request(resources.memory_request)
     task.set_memory_limit(resources.memory_limit)
@@ -129,9 +103,10 @@ def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineConfig) -> 
     if stage in settings.timeouts:
         # KFP v2 has no task timeout of its own; kfp-kubernetes sets the pod's activeDeadlineSeconds.
         kubernetes.set_timeout(task, settings.timeouts[stage])
-    task.set_caching_options(enable_caching=settings.cache_training if stage in UNCACHED_UNLESS_ASKED else True)
-    if stage in RETRIES:
-        retry = RETRIES[stage]
+    caching = {Caching.ALWAYS: True, Caching.WHEN_ASKED: settings.cache_training, Caching.NEVER: False}
+    task.set_caching_options(enable_caching=caching[spec.caching])
+    if spec.retry:
+        retry = Retry()
         task.set_retry(
             num_retries=retry.num_retries,
             backoff_duration=retry.backoff_duration,
@@ -174,19 +149,18 @@ def build_pipeline(
     default_data_version = data_version or git_commit()
     settings = params.pipeline
 
-    def stage(name: str, **inputs: object) -> dsl.PipelineTask:
-        return _configure(components[name](**inputs), name, settings)
+    sources = producers()
 
     @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
     def meddiff(params_json: str = default_params_json, data_version: str = default_data_version) -> None:
-        common = {"params_json": params_json, "data_version": data_version}
-        cohort = stage("cohort", **common)
-        ingest = stage("ingest", **common, raw=cohort.outputs["raw"])
-        preprocess = stage("preprocess", **common, interim=ingest.outputs["interim"])
-        train = stage("train", **common, processed=preprocess.outputs["processed"])
-        processed, model = preprocess.outputs["processed"], train.outputs["model"]
-        for name in ("evaluate", "generate", "explain"):
-            stage(name, **common, processed=processed, model=model)
+        tasks: dict[str, dsl.PipelineTask] = {}
+        for name in PIPELINE_STAGES:
+            inputs = {}
+            for port in STAGES[name].inputs:
+                producer, output = sources[port.data]
+                inputs[port.artifact] = tasks[producer].outputs[output.artifact]
+            task = components[name](params_json=params_json, data_version=data_version, **inputs)
+            tasks[name] = _configure(task, name, settings)
 
     return meddiff
 

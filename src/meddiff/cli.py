@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meddiff import __version__
-from meddiff.stages import COMMANDS
+from meddiff.stage_table import PIPELINE_STAGES, STAGES
 
 LOG = logging.getLogger("meddiff")
 
@@ -32,26 +32,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meddiff",
         description="Multimodal diffusion models for robust, explainable diagnosis. "
-        "Stages run in order: cohort → ingest → preprocess → train → evaluate → generate → explain.",
+        "Stages run in order: " + " → ".join(PIPELINE_STAGES) + ".",
     )
     parser.add_argument("--version", action="version", version=f"meddiff {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    for spec in COMMANDS.values():
+    for spec in STAGES.values():
         stage_parser = commands.add_parser(spec.name, help=spec.summary, description=spec.summary)
         _add_common(stage_parser)
-        for argument, (attribute, sub) in spec.paths.items():
-            flag = "--" + argument.replace("_", "-")
-            default_text = f"params paths.{attribute}" + (f" / {sub}" if sub else "")
-            stage_parser.add_argument(flag, dest=argument, default=None, help=f"default: {default_text}")
+        for port in spec.ports:
+            flag = "--" + port.argument.replace("_", "-")
+            default_text = f"params paths.{port.path}" + (f" / {port.sub}" if port.sub else "")
+            stage_parser.add_argument(flag, dest=port.argument, default=None, help=f"default: {default_text}")
 
     _add_pipeline(commands)
     return parser
 
 
 def _add_pipeline(commands: argparse._SubParsersAction) -> None:
-    """``meddiff pipeline compile | submit | schedule | run`` (logic: meddiff_pipelines, meddiff.kfp_client)."""
+    """``meddiff pipeline compile | submit | schedule | run`` (logic: meddiff_pipelines)."""
     pipeline = commands.add_parser(
         "pipeline", help="Kubeflow Pipelines: compile, submit, schedule or run locally",
         description="Kubeflow Pipelines (KFP v2). Parameters come from --params plus --set overrides; "
@@ -103,7 +103,7 @@ def _run_stage(args: argparse.Namespace) -> int:
     from meddiff.stages import result_to_dict, run_stage
 
     params = _load(args)
-    paths = {name: getattr(args, name) for name in COMMANDS[args.command].paths}
+    paths = {port.argument: getattr(args, port.argument) for port in STAGES[args.command].ports}
     started = time.perf_counter()
     result = run_stage(args.command, params, **paths)
     LOG.info("%s finished in %.1f s", args.command, time.perf_counter() - started)
@@ -121,36 +121,43 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         print(f"wrote {output}")
         return 0
 
-    from meddiff import kfp_client
+    from meddiff_pipelines import client, local
 
     try:
         if args.pipeline_command == "run":
-            result = kfp_client.run_local(
+            result = local.run_local(
                 params, runner=args.runner, pipeline_root=args.pipeline_root,
                 docker_timeout=args.docker_timeout, **images,
             )
         else:
             endpoint = {"host": args.host, "namespace": args.namespace, "experiment": args.experiment}
             if args.pipeline_command == "submit":
-                result = kfp_client.submit(params, **endpoint, run_name=args.run_name, **images)
+                result = client.submit(params, **endpoint, run_name=args.run_name, **images)
             else:
-                result = kfp_client.schedule(
+                result = client.schedule(
                     params, **endpoint, name=args.name, cron=args.cron, replace=args.replace, **images
                 )
-    except (kfp_client.KfpError, kfp_client.DockerUnavailableError, ValueError) as error:
+    except (client.KfpError, local.DockerUnavailableError, ValueError) as error:
         print(f"meddiff pipeline {args.pipeline_command}: error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(result.to_dict(), indent=2))
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def configure_logging(verbose: bool) -> None:
+    """meddiff's own messages at INFO (DEBUG with ``-v``); other libraries' only from WARNING up, so that
+    their INFO chatter (great-expectations registers ~200 functions at import) stays out of stage logs."""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    LOG.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
     from meddiff.config import ParamsError
 
     try:

@@ -14,12 +14,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from meddiff.errors import UserError
+from meddiff.stage_table import PIPELINE_STAGES
+
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A ``params.yaml`` that does not validate; the message names each bad key."""
 
 
@@ -137,6 +140,8 @@ class IngestConfig(_Section):
     deid_max_date_shift_days: Annotated[int, Field(ge=1)] = 365
     #: ages above this are reported as this value (HIPAA Safe Harbor aggregates ages over 89)
     deid_max_age: Annotated[int, Field(ge=1)] = 90
+    #: DICOM Modality (0008,0060) values read as images; when a patient has several, the first listed wins
+    accepted_modalities: Annotated[list[Literal["CT", "MR"]], Field(min_length=1)] = ["CT", "MR"]
     #: BraTS layout ``imaging/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``: the channel used as the image
     brats_channel: Literal["t1", "t1ce", "t2", "flair"] = "flair"
     #: MIMIC-IV style CSV (``ehr/labevents.csv``): itemid -> canonical lab (hosp module ``d_labitems``)
@@ -259,6 +264,7 @@ class TrainConfig(_Section):
     learning_rate: PositiveFloat = 2e-3
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
     grad_clip_norm: PositiveFloat = 1.0
+    lr_warmup_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     modalities: list[Literal["image", "text", "tabular"]] = ["image", "text", "tabular"]
     modality_dropout_p: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     lambda_diff: Annotated[float, Field(ge=0.0)] = 1.0
@@ -283,12 +289,18 @@ class EvaluateConfig(_Section):
     n_bootstrap: PositiveInt = 500
     rare_classes: list[str] | None = None
     subgroup_site: str | None = None
-    registry_gate: bool = True
     suite: list[str] = [
         "full", "no_masking", "concat_fusion", "classifier_only", "no_ontology", "no_imputation",
         "image_only", "text_only", "tabular_only", "late_fusion", "diffmic",
     ]
     suite_epochs: PositiveInt | None = None
+
+
+class PromoteConfig(_Section):
+    """The registry gate (``promote`` stage): alias ``champion`` moves only to a better version."""
+
+    #: false: the stage records the candidate's score and leaves the aliases alone
+    enabled: bool = True
 
 
 class GenerateConfig(_Section):
@@ -311,8 +323,6 @@ class TrackingConfig(_Section):
     registered_model: str = "meddiff-diagnosis"
 
 
-#: The pipeline's stages in order (:data:`meddiff.stages.STAGES` has the same keys; a test checks it).
-PIPELINE_STAGES: tuple[str, ...] = ("cohort", "ingest", "preprocess", "train", "evaluate", "generate", "explain")
 
 
 class PipelineConfig(_Section):
@@ -340,6 +350,7 @@ class PipelineConfig(_Section):
         "preprocess": 3600,
         "train": 21600,
         "evaluate": 3600,
+        "promote": 1800,
         "generate": 3600,
         "explain": 3600,
     }
@@ -376,6 +387,7 @@ class Params(_Section):
     preprocess: PreprocessConfig = PreprocessConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    promote: PromoteConfig = PromoteConfig()
     generate: GenerateConfig = GenerateConfig()
     explain: ExplainConfig = ExplainConfig()
     tracking: TrackingConfig = TrackingConfig()

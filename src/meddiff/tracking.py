@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -78,16 +79,30 @@ def run_tags(params: Params, data_md5: str | None) -> dict[str, str]:
     return tags
 
 
-def flatten(payload: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"epochs": 3}}`` → ``{"train.epochs": 3}`` (MLflow params are flat)."""
+def flatten(payload: dict[str, Any] | list[Any], prefix: str = "", lists: bool = False) -> dict[str, Any]:
+    """``{"train": {"epochs": 3}}`` → ``{"train.epochs": 3}`` (MLflow params and KFP metrics are flat).
+
+    With ``lists``, list items are flattened too under their index (``robustness.0.auc_macro``);
+    otherwise a list is one value.
+    """
+    items = enumerate(payload) if isinstance(payload, list) else payload.items()
     flat: dict[str, Any] = {}
-    for key, value in payload.items():
+    for key, value in items:
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
+        if isinstance(value, dict) or (lists and isinstance(value, list)):
+            flat.update(flatten(value, f"{name}.", lists))
         else:
             flat[name] = value
     return flat
+
+
+def numeric_leaves(payload: dict[str, Any]) -> dict[str, float]:
+    """Every finite number of a JSON report under its dotted key (booleans, strings, NaN left out)."""
+    return {
+        key: float(value)
+        for key, value in flatten(payload, lists=True).items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
 
 
 def set_alias(model_name: str, alias: str, version: str | int) -> None:

@@ -71,7 +71,9 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     assert 0.0 <= metrics["test"]["auc_macro"]["value"] <= 1.0
     random_rows = [r for r in metrics["robustness"] if r["scenario"] == "random"]
     assert sorted({r["masking_rate"] for r in random_rows}) == [0.0, 0.2, 0.4, 0.6, 0.8]
-    assert metrics["registry_gate"]["promoted"] is True  # the first version becomes champion
+    decision = json.loads((work / "reports/promote/decision.json").read_text())
+    assert decision["promoted"] is True  # the first version becomes champion
+    assert decision["candidate_auc"] == metrics["test"]["auc_macro"]["value"]
     assert (work / "reports/evaluate/robustness.csv").is_file()
     assert json.loads((work / "reports/generate/metrics.json").read_text())["n_synthetic"] == 8
     assert (work / "reports/explain/index.html").is_file()

@@ -17,13 +17,15 @@ from meddiff_pipelines.pipeline import CREDENTIALS_SECRET, compile_pipeline
 
 import meddiff
 from meddiff.cli import main
-from meddiff.config import PIPELINE_STAGES, Params, apply_overrides, load_params
-from meddiff.stages import STAGES
+from meddiff.config import Params, apply_overrides, load_params
+from meddiff.stage_table import PIPELINE_STAGES, STAGES, ArtifactKind
 from meddiff.tracking import git_commit
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS_FILE = REPO / "params.yaml"
 DOWNSTREAM_OF_TRAIN = ("evaluate", "generate", "explain")
+#: Tasks that never cache: the registry gate reads the registry, not only its inputs.
+NEVER_CACHED = {"promote"}
 
 
 def load_ir(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -56,14 +58,15 @@ def compiled(params: Params, tmp_path: Path) -> tuple[dict[str, Any], dict[str, 
     return load_ir(output)
 
 
-def test_one_component_per_stage() -> None:
-    assert list(STAGE_FUNCTIONS) == list(STAGES)
+def test_one_component_per_pipeline_stage() -> None:
+    assert tuple(STAGE_FUNCTIONS) == PIPELINE_STAGES
+    assert "suite" in STAGES and "suite" not in PIPELINE_STAGES
 
 
-def test_seven_tasks(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+def test_one_task_per_pipeline_stage(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
     spec, _ = compiled
     assert spec["pipelineInfo"]["name"] == "meddiff"
-    assert set(spec["root"]["dag"]["tasks"]) == set(STAGES)
+    assert set(spec["root"]["dag"]["tasks"]) == set(PIPELINE_STAGES)
 
 
 def test_dependencies(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
@@ -77,6 +80,7 @@ def test_dependencies(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
         # after train, and in parallel with each other
         assert "train" in depends[name]
         assert not depends[name] & set(DOWNSTREAM_OF_TRAIN)
+    assert depends["promote"] == {"preprocess", "train", "evaluate"}  # the gate reads the evaluation
 
 
 def test_artifacts_wire_stage_outputs_to_inputs(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
@@ -92,16 +96,25 @@ def test_artifacts_wire_stage_outputs_to_inputs(compiled: tuple[dict[str, Any], 
     for name in DOWNSTREAM_OF_TRAIN:
         assert source(name, "processed") == ("preprocess", "processed")
         assert source(name, "model") == ("train", "model")
+    assert source("promote", "evaluation") == ("evaluate", "report")
 
 
-def test_component_artifacts_match_stage_paths(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    """Every path argument of a stage is a component artifact named without ``_dir``, and back."""
+def test_component_artifacts_match_the_stage_table(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """Every port of a stage is a component artifact of the port's name and kind, inputs as inputs and
+    outputs as outputs, and nothing else (but the evaluate task's KFP metrics)."""
     spec, _ = compiled
-    for stage, stage_spec in STAGES.items():
+    for stage in PIPELINE_STAGES:
         component = spec["components"][f"comp-{stage}"]
-        inputs = set(component.get("inputDefinitions", {}).get("artifacts", {}))
-        outputs = set(component.get("outputDefinitions", {}).get("artifacts", {})) - {"metrics"}
-        assert {f"{name}_dir" for name in inputs | outputs} == set(stage_spec.paths), stage
+        inputs = component.get("inputDefinitions", {}).get("artifacts", {})
+        outputs = {
+            name: artifact for name, artifact in component.get("outputDefinitions", {}).get("artifacts", {}).items()
+            if name != "metrics"
+        }
+        assert set(inputs) == {port.artifact for port in STAGES[stage].inputs}, stage
+        assert set(outputs) == {port.artifact for port in STAGES[stage].outputs}, stage
+        for port in STAGES[stage].ports:
+            artifact = (inputs | outputs)[port.artifact]
+            assert artifact["artifactType"]["schemaTitle"] == f"system.{ArtifactKind(port.kind).value}", (stage, port)
         assert set(component["inputDefinitions"]["parameters"]) == {"params_json", "data_version"}
 
 
@@ -118,7 +131,7 @@ def test_train_requests_one_gpu(compiled: tuple[dict[str, Any], dict[str, Any]])
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert int(resources["accelerator"]["resourceCount"]) == 1
     assert "resourceCpuRequest" in resources and "resourceMemoryRequest" in resources
-    for stage in set(STAGES) - {"train"}:
+    for stage in set(PIPELINE_STAGES) - {"train"}:
         assert "accelerator" not in executors[executor_of(spec, stage)]["container"].get("resources", {})
 
 
@@ -128,7 +141,7 @@ def test_train_tolerates_gpu_taint(compiled: tuple[dict[str, Any], dict[str, Any
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in kubernetes[
         executor_of(spec, "train")
     ]["tolerations"]
-    for stage in set(STAGES) - {"train"}:
+    for stage in set(PIPELINE_STAGES) - {"train"}:
         assert "tolerations" not in kubernetes[executor_of(spec, stage)]
 
 
@@ -138,15 +151,11 @@ def kubernetes_executors(spec: dict[str, Any], platform: dict[str, Any]) -> dict
     return {task: executors.get(executor_of(spec, task), {}) for task in spec["root"]["dag"]["tasks"]}
 
 
-def test_pipeline_stages_constant_matches_the_registry() -> None:
-    assert list(PIPELINE_STAGES) == list(STAGES)
-
-
 def test_train_node_selector_from_params(compiled: tuple[dict[str, Any], dict[str, Any]], params: Params) -> None:
     config = kubernetes_executors(*compiled)
     assert config["train"]["nodeSelector"] == {"labels": params.pipeline.gpu_node_selector}
     assert params.pipeline.gpu_node_selector  # the shipped params.yaml names the GPU pool
-    for stage in set(STAGES) - {"train"}:
+    for stage in set(PIPELINE_STAGES) - {"train"}:
         assert "nodeSelector" not in config[stage]
 
 
@@ -159,7 +168,7 @@ def test_node_selector_override(params: Params, tmp_path: Path) -> None:
 
 def test_timeouts_per_task(compiled: tuple[dict[str, Any], dict[str, Any]], params: Params) -> None:
     config = kubernetes_executors(*compiled)
-    for stage in STAGES:
+    for stage in PIPELINE_STAGES:
         assert int(config[stage]["activeDeadlineSeconds"]) == params.pipeline.timeouts[stage], stage
 
 
@@ -181,12 +190,12 @@ def caching(spec: dict[str, Any]) -> dict[str, bool]:
 
 
 def test_caching_on_for_deterministic_stages_off_for_training(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    assert caching(compiled[0]) == {stage: stage != "train" for stage in STAGES}
+    assert caching(compiled[0]) == {stage: stage not in {"train", *NEVER_CACHED} for stage in PIPELINE_STAGES}
 
 
 def test_caching_training_when_asked(params: Params, tmp_path: Path) -> None:
     spec, _ = load_ir(compile_pipeline(apply_overrides(params, ["pipeline.cache_training=true"]), tmp_path / "p.yaml"))
-    assert caching(spec) == dict.fromkeys(STAGES, True)
+    assert caching(spec) == {stage: stage not in NEVER_CACHED for stage in PIPELINE_STAGES}
 
 
 def test_credentials_secret_name_from_params(params: Params, tmp_path: Path) -> None:
@@ -221,7 +230,7 @@ def test_data_version_given(params: Params, tmp_path: Path, monkeypatch: pytest.
 def test_credentials_from_optional_secret(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
     spec, platform = compiled
     kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for stage in STAGES:
+    for stage in PIPELINE_STAGES:
         (secret,) = kubernetes[executor_of(spec, stage)]["secretAsEnv"]
         assert secret["secretName"] == CREDENTIALS_SECRET
         assert secret["optional"] is True
@@ -263,7 +272,7 @@ def test_default_images(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
     version = meddiff.__version__
-    for stage in STAGES:
+    for stage in PIPELINE_STAGES:
         expected = f"ghcr.io/meddiff/meddiff:{version}" + ("-cuda" if stage == "train" else "")
         assert executors[executor_of(spec, stage)]["container"]["image"] == expected
 
@@ -273,7 +282,8 @@ def test_image_from_environment(params: Params, tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv(GPU_IMAGE_ENV, "registry.local/meddiff:dev-cuda")
     spec, _ = load_ir(compile_pipeline(params, tmp_path / "p.yaml"))
     images = {
-        stage: spec["deploymentSpec"]["executors"][executor_of(spec, stage)]["container"]["image"] for stage in STAGES
+        stage: spec["deploymentSpec"]["executors"][executor_of(spec, stage)]["container"]["image"]
+        for stage in PIPELINE_STAGES
     }
     assert images.pop("train") == "registry.local/meddiff:dev-cuda"
     assert set(images.values()) == {"registry.local/meddiff:dev"}

@@ -1,12 +1,12 @@
 """The pipeline run end to end with ``kfp.local`` (``SubprocessRunner``, the current interpreter).
 
-* ``test_pipeline_wiring_with_fake_stages``: the whole seven-task pipeline over stand-in stage
+* ``test_pipeline_wiring_with_fake_stages``: the whole pipeline over stand-in stage
   functions (``fake_stages/sitecustomize.py``): checks the KFP shell alone, params and artifacts
   flowing from task to task and the evaluate metrics, in seconds.
 * ``test_cohort_component``: a one-task pipeline with the real cohort stage.
 * ``test_full_pipeline``: every real stage on tiny params, then the artefacts under the pipeline root.
 
-The real-stage tests skip, naming the module, while a stage module of :data:`meddiff.stages.STAGES`
+The real-stage tests skip, naming the module, while a stage module of :data:`meddiff.stage_table.STAGES`
 does not exist yet.
 
 No ``from __future__ import annotations``: KFP reads the annotations of the pipeline function defined
@@ -29,7 +29,7 @@ from meddiff_pipelines.pipeline import build_pipeline, params_to_json
 
 from meddiff.cli import main
 from meddiff.config import Params, apply_overrides, load_params
-from meddiff.stages import STAGES
+from meddiff.stage_table import PIPELINE_STAGES, STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_STAGES = Path(__file__).resolve().parent / "fake_stages"
@@ -76,7 +76,7 @@ def missing_stage_modules(stages: list[str]) -> list[str]:
 
 
 def require_stages(*stages: str) -> None:
-    missing = missing_stage_modules(list(stages or STAGES))
+    missing = missing_stage_modules(list(stages or PIPELINE_STAGES))
     if missing:
         pytest.skip(f"stage modules not written yet: {', '.join(missing)}")
 
@@ -142,7 +142,9 @@ def test_pipeline_wiring_with_fake_stages(tmp_path: Path, pipeline_root: Path, m
         "robustness.1.auc_macro": 0.625,
     }
     assert evaluate["parameterValues"]["Output"]["auc_macro"] == 0.875
-    for task in STAGES:
+    decision = json.loads((task_dir(pipeline_root, "promote") / "report" / "decision.json").read_text())
+    assert decision == {"promoted": True, "candidate_auc": 0.875}  # read from evaluate's report artifact
+    for task in PIPELINE_STAGES:
         assert executor_output(pipeline_root, task)["parameterValues"]["Output"]["data_version"] == "data-v1", task
     assert not list(Path.cwd().iterdir()), "a stage wrote into the working folder"
 

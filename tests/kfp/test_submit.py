@@ -27,8 +27,8 @@ import kfp.client.client
 import pytest
 import yaml
 from meddiff_components.stages import GPU_IMAGE_ENV, IMAGE_ENV
+from meddiff_pipelines import client as kfp_client
 
-from meddiff import kfp_client
 from meddiff.cli import main
 from meddiff.config import Params, apply_overrides, load_params
 
@@ -237,8 +237,9 @@ def test_submit_creates_experiment_pipeline_version_and_run(kfp_server: FakeKfp,
     assert result.pipeline_version.startswith(COMMIT[:12] + "-")
     spec, platform = uploaded_spec(kfp_server)
     assert spec["pipelineInfo"]["name"] == "meddiff"
-    assert set(spec["root"]["dag"]["tasks"]) == {"cohort", "ingest", "preprocess", "train", "evaluate", "generate",
-                                                 "explain"}
+    assert set(spec["root"]["dag"]["tasks"]) == {
+        "cohort", "ingest", "preprocess", "train", "evaluate", "promote", "generate", "explain"
+    }
     defaults = spec["root"]["inputDefinitions"]["parameters"]
     assert json.loads(defaults["params_json"]["defaultValue"]) == params.to_dict()
     assert defaults["data_version"]["defaultValue"] == COMMIT

@@ -19,7 +19,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is installed with torch; not found next to python")
 def test_ddp_two_processes_train(tiny_processed, tiny_params, tmp_path: Path) -> None:
-    processed, _ = tiny_processed
+    processed, data = tiny_processed
     params = apply_overrides(tiny_params, ["train.epochs=2", f"paths.checkpoints={tmp_path}/checkpoints"])
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params.to_dict()))
@@ -35,4 +35,18 @@ def test_ddp_two_processes_train(tiny_processed, tiny_params, tmp_path: Path) ->
     assert run["epochs_run"] == 2
     assert run["registered_version"] == "1"  # rank 0 alone registered
     history = json.loads((tmp_path / "models" / "history.json").read_text())
-    assert all(h["train_loss_total"] > 0 for h in history)
+    val_aucs = [h["val_auc_macro"] for h in history]
+    assert run["best_epoch"] == val_aucs.index(max(val_aucs)) and run["best_val_auc"] == max(val_aucs)
+    # Rank 0 saved the best epoch's weights: they reproduce its validation AUC (on one thread, as there).
+    import torch
+
+    from meddiff.model.multimodal import MedDiffModel
+    from meddiff.training.loop import validation_auc
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        auc = validation_auc(MedDiffModel.from_pretrained(tmp_path / "models"), data)["auc_macro"]
+    finally:
+        torch.set_num_threads(threads)
+    assert auc == run["best_val_auc"]

@@ -1,13 +1,16 @@
 import json
+import math
 
 import numpy as np
+import pytest
 import torch
 
-from meddiff.config import apply_overrides
-from meddiff.training.batches import MODEL_INPUTS, to_batch
-from meddiff.training.checkpoint import load_model
-from meddiff.training.objective import compute_losses
-from meddiff.training.train import build_model
+from meddiff.config import TrainConfig, apply_overrides, load_params
+from meddiff.data.batches import model_inputs, to_batch
+from meddiff.model.inference import predict_proba
+from meddiff.model.multimodal import MedDiffModel
+from meddiff.training.loop import BEST_DIR, build_model, validation_auc, warmup_cosine
+from meddiff.training.objective import LOSS_TERMS, TrainingObjective, compute_losses
 
 
 def test_model_overfits_a_tiny_batch(tiny_processed, tiny_params) -> None:
@@ -18,54 +21,102 @@ def test_model_overfits_a_tiny_batch(tiny_processed, tiny_params) -> None:
     batch = to_batch(data, np.arange(8))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(60):
-        output = model({k: batch[k] for k in MODEL_INPUTS}, batch["present"])
+        output = model(model_inputs(batch), batch["modality_present"])
         losses = compute_losses(model, batch, output, params.train, None)
         optimizer.zero_grad()
         losses.total.backward()
         optimizer.step()
     model.eval()
     with torch.no_grad():
-        predicted = model({k: batch[k] for k in MODEL_INPUTS}, batch["present"]).logits.argmax(1)
+        predicted = model(model_inputs(batch), batch["modality_present"]).logits.argmax(1)
     assert torch.equal(predicted, batch["label"])
 
 
-def test_run_train_writes_model_and_registers(trained_tiny) -> None:
+def test_objective_total_is_the_weighted_sum_of_its_terms(tiny_processed, tiny_params) -> None:
+    _, data = tiny_processed
+    params = apply_overrides(tiny_params, ["train.lambda_diff=0.5", "train.lambda_cls=2.0", "train.lambda_recon=0.25"])
+    torch.manual_seed(0)
+    model = build_model(data, params)
+    objective = TrainingObjective(model, params.train, None, torch.Generator().manual_seed(0))
+    batch = to_batch(data, np.arange(6))
+    losses = objective(batch, batch["modality_present"])
+    assert tuple(losses) == LOSS_TERMS == ("total", "cls", "diff", "recon")
+    expected = 0.5 * losses["diff"] + 2.0 * losses["cls"] + 0.25 * losses["recon"]
+    torch.testing.assert_close(losses["total"], expected)
+
+
+def test_warmup_then_cosine_schedule() -> None:
+    factor = warmup_cosine(total_steps=100, warmup_fraction=0.05)
+    assert [factor(step) for step in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factor(5) == pytest.approx(1.0)  # the cosine starts at its peak
+    assert factor(5 + 95 // 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
+    assert factor(100) == pytest.approx(0.0) and factor(200) == pytest.approx(0.0)
+    assert warmup_cosine(10, 0.0)(0) == 1.0  # at least one warm-up step
+
+
+def test_warmup_fraction_is_a_train_param() -> None:
+    from pathlib import Path
+
+    repository = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    assert TrainConfig().lr_warmup_fraction == repository.train.lr_warmup_fraction == 0.05
+
+
+def test_fit_refines_only_the_diffusion_model(tiny_processed, tiny_params, tmp_path) -> None:
+    from meddiff.training.fit import fit
+
+    _, data = tiny_processed
+    result = fit(tiny_params, data, tmp_path / "checkpoints")
+    assert len(result.refine_losses) == tiny_params.train.diffusion.refine_epochs
+    assert result.resumed_from_step == 0
+    best = MedDiffModel.from_pretrained(tmp_path / "checkpoints" / BEST_DIR)
+    refined = result.model.state_dict()
+    changed = {name for name, tensor in best.state_dict().items() if not torch.equal(tensor, refined[name])}
+    assert changed and all(name.startswith("diffusion.") for name in changed), sorted(changed)
+    # Diagnosis is untouched by the refinement: the best epoch's validation AUC, exactly.
+    assert validation_auc(result.model, data)["auc_macro"] == result.state.best_auc
+
+
+def test_run_train_writes_the_best_model_and_registers(trained_tiny) -> None:
     from mlflow.tracking import MlflowClient
 
     models = trained_tiny["models"]
+    params = trained_tiny["params"]
     run = json.loads((models / "run.json").read_text())
     history = json.loads((models / "history.json").read_text())
+    refine = json.loads((models / "diffusion_refine_history.json").read_text())
     assert len(history) == trained_tiny["result"].epochs_run
-    assert {"train_loss_total", "val_auc_macro"} <= set(history[0])
-    model = load_model(models)
-    assert sum(p.numel() for p in model.parameters()) > 0
-    client = MlflowClient(tracking_uri=trained_tiny["params"].tracking.tracking_uri)
-    name = trained_tiny["params"].tracking.registered_model
+    assert len(refine) == params.train.diffusion.refine_epochs
+    val_aucs = [h["val_auc_macro"] for h in history]
+    assert run["best_epoch"] == int(np.argmax(val_aucs)) and run["best_val_auc"] == max(val_aucs)
+    model = MedDiffModel.from_pretrained(models)
+    # The saved weights are the best epoch's: they reproduce its validation AUC exactly.
+    assert validation_auc(model, trained_tiny["data"])["auc_macro"] == run["best_val_auc"]
+    client = MlflowClient(tracking_uri=params.tracking.tracking_uri)
+    name = params.tracking.registered_model
     version = client.get_model_version_by_alias(name, "candidate")
     assert str(version.version) == run["registered_version"]
-    assert client.get_run(run["mlflow_run_id"]).data.tags["meddiff.params_hash"] == trained_tiny["params"].digest()
+    assert client.get_run(run["mlflow_run_id"]).data.tags["meddiff.params_hash"] == params.digest()
 
 
-def test_registered_model_predicts(trained_tiny) -> None:
+def test_registered_model_predicts_like_the_saved_one(trained_tiny) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(trained_tiny["params"].tracking.tracking_uri)
     name = trained_tiny["params"].tracking.registered_model
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@candidate")
     data = trained_tiny["data"]
-    batch = to_batch(data, np.arange(3))
-    inputs = {k: batch[k].numpy() for k in MODEL_INPUTS}
-    inputs["modality_present"] = batch["present"].numpy()
+    index = np.arange(5)
+    batch = to_batch(data, index)
+    inputs = {k: v.numpy() for k, v in model_inputs(batch).items()}
+    inputs["modality_present"] = batch["modality_present"].numpy()
     probs = pyfunc.predict(inputs)
-    assert probs.shape == (3, data.n_classes)
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    expected = predict_proba(MedDiffModel.from_pretrained(trained_tiny["models"]), data, index)
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-6)
 
 
 def test_resume_after_interruption_matches_uninterrupted(tiny_processed, tiny_params, tmp_path) -> None:
-    import pytest
-
     from meddiff.training.checkpoint import load_training_state
-    from meddiff.training.train import STATE_FILE, TrainingInterruptedError, train_model
+    from meddiff.training.loop import STATE_FILE, TrainingInterruptedError, train_model
 
     _, data = tiny_processed
     params = apply_overrides(
@@ -87,8 +138,7 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_processed, tiny_pa
 
 
 def test_masking_curriculum_ramps() -> None:
-    from meddiff.config import TrainConfig
-    from meddiff.training.train import masking_probability
+    from meddiff.training.loop import masking_probability
 
     config = TrainConfig(masking_curriculum="linear_warmup", masking_warmup_epochs=4, modality_dropout_p=0.5)
     assert [masking_probability(config, e) for e in range(6)] == [0.0, 0.125, 0.25, 0.375, 0.5, 0.5]

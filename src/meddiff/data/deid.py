@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meddiff.errors import UserError
+
 MIN_KEY_CHARS = 16
 EPHEMERAL_KEY_LABEL = b"meddiff ephemeral de-identification key for synthetic data\x00"
 COHORT_GENERATOR = "meddiff.data.cohort"
@@ -48,7 +50,7 @@ DEID_METHOD_VALUES: tuple[str, ...] = (
 DEID_METHOD = "; ".join(DEID_METHOD_VALUES)
 
 
-class DeidKeyError(RuntimeError):
+class DeidKeyError(UserError, RuntimeError):
     """No usable de-identification key: the message says how to provide one."""
 
 

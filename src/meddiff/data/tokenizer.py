@@ -15,6 +15,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, CLS, SEP)
+#: Special tokens take ids 0 .. N_SPECIAL_TOKENS - 1; every id from here on is a word of the notes.
+N_SPECIAL_TOKENS = len(SPECIAL_TOKENS)
 
 
 def train_note_tokenizer(train_notes: Iterable[str], vocab_size: int, max_tokens: int) -> Tokenizer:

@@ -4,7 +4,7 @@ Writes ``reports/evaluate/``:
 
 * ``metrics.json``: test metrics with bootstrap 95 % intervals (AUC-ROC macro and per class, F1,
   accuracy, balanced accuracy, ECE), the rare-disease and subgroup reports with fairness gaps, the
-  robustness rows and the registry-gate decision;
+  robustness rows (the registry gate is the next stage, :mod:`meddiff.evaluation.promote`);
 * ``robustness.csv``: one row per scenario × masking rate × imputation, with intervals;
 * ``robustness_curve.csv`` (the DVC plot) and ``robustness.png`` (the same, for a person).
 
@@ -24,12 +24,10 @@ from meddiff.config import Params
 from meddiff.data.dataset import ProcessedDataset, load_processed
 from meddiff.evaluation import robustness, subgroups
 from meddiff.evaluation.bootstrap import bootstrap_ci
-from meddiff.evaluation.metrics import METRICS, auc_one_vs_rest
 from meddiff.io import atomic_file, read_json, write_json
+from meddiff.metrics import METRICS, auc_one_vs_rest
 from meddiff.model.inference import predict_proba
-from meddiff.model.multimodal import MedDiffModel
-from meddiff.training.checkpoint import load_model
-from meddiff.training.train import RUN_FILE
+from meddiff.model.multimodal import RUN_FILE, MedDiffModel
 
 LOG = logging.getLogger(__name__)
 
@@ -43,12 +41,11 @@ class EvaluateResult:
     test_accuracy: float
     n_test: int
     robustness_auc: dict[str, float]
-    champion_promoted: bool | None
 
 
 def model_predictor(model: MedDiffModel, seed: int) -> robustness.Predict:
-    def predict(data: ProcessedDataset, index: np.ndarray, used: np.ndarray, impute: bool) -> np.ndarray:
-        return predict_proba(model, data, index, used, impute_missing=impute, seed=seed)
+    def predict(data: ProcessedDataset, index: np.ndarray, present: np.ndarray, impute: bool) -> np.ndarray:
+        return predict_proba(model, data, index, present, impute_missing=impute, seed=seed)
 
     return predict
 
@@ -124,7 +121,7 @@ def plot_robustness(rows: list[dict], target: Path) -> None:
 def run_evaluate(params: Params, processed_dir: Path, model_dir: Path, report_dir: Path) -> EvaluateResult:
     config = params.evaluate
     data = load_processed(processed_dir)
-    model = load_model(model_dir)
+    model = MedDiffModel.from_pretrained(model_dir)
     index = data.indices("test")
     if len(index) == 0:
         raise ValueError(f"{processed_dir}: the test split is empty")
@@ -146,12 +143,6 @@ def run_evaluate(params: Params, processed_dir: Path, model_dir: Path, report_di
     metrics["robustness"] = rows
     run_file = Path(model_dir) / RUN_FILE
     run = read_json(run_file) if run_file.is_file() else {}
-    decision = None
-    if config.registry_gate and run.get("registered_version"):
-        from meddiff.evaluation.gate import champion_gate
-
-        decision = champion_gate(params, run["registered_version"], metrics["test"]["auc_macro"]["value"], data, index)
-        metrics["registry_gate"] = decision.to_dict()
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     write_json(report_dir / "metrics.json", metrics)
@@ -169,7 +160,6 @@ def run_evaluate(params: Params, processed_dir: Path, model_dir: Path, report_di
             f"{r['masking_rate']:.2f}{'+imputation' if r['imputation'] else ''}": round(r["auc_macro"], 4)
             for r in rows if r["scenario"] == "random"
         },
-        champion_promoted=None if decision is None else decision.promoted,
     )
 
 

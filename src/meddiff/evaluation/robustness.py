@@ -24,12 +24,12 @@ import torch
 from meddiff import MODALITIES
 from meddiff.data.dataset import ProcessedDataset
 from meddiff.evaluation.bootstrap import bootstrap_ci
-from meddiff.evaluation.metrics import accuracy, auc_macro, auc_one_vs_rest, f1_macro
+from meddiff.metrics import accuracy, auc_macro, auc_one_vs_rest, f1_macro
 from meddiff.training.masking import drop_modality, mask_exact_fraction
 
 LOG = logging.getLogger(__name__)
 
-#: (data, index, modality_used (N, 3), impute) -> probabilities (N, classes)
+#: (data, index, modality_present (N, 3) after masking, impute) -> probabilities (N, classes)
 Predict = Callable[[ProcessedDataset, np.ndarray, np.ndarray, bool], np.ndarray]
 
 FIELDS = (
@@ -42,7 +42,7 @@ FIELDS = (
 class Scenario:
     name: str
     rate: float
-    masks: list[np.ndarray]  # one (N, 3) modality_used per repeat
+    masks: list[np.ndarray]  # one (N, 3) modality_present after masking per repeat
 
 
 def build_scenarios(present: np.ndarray, rates: list[float], repeats: int, seed: int) -> list[Scenario]:

@@ -12,7 +12,7 @@ import numpy as np
 
 from meddiff.data.dataset import ProcessedDataset
 from meddiff.evaluation.bootstrap import bootstrap_ci
-from meddiff.evaluation.metrics import auc_macro, auc_one_vs_rest, equalised_odds_difference, f1_macro
+from meddiff.metrics import auc_macro, auc_one_vs_rest, equalised_odds_difference, f1_macro
 
 RARE_PREVALENCE = 0.05
 

@@ -76,11 +76,11 @@ def _needed(requested: list[str]) -> list[str]:
 
 
 def _late_fusion(predictors: dict[str, robustness.Predict]) -> robustness.Predict:
-    def predict(data: ProcessedDataset, index: np.ndarray, used: np.ndarray, impute: bool) -> np.ndarray:
+    def predict(data: ProcessedDataset, index: np.ndarray, present: np.ndarray, impute: bool) -> np.ndarray:
         parts, weights = [], []
         for m, name in enumerate(MODALITIES):
-            parts.append(predictors[f"{name}_only"](data, index, used, False))
-            weights.append(used[:, m].astype(float))
+            parts.append(predictors[f"{name}_only"](data, index, present, False))
+            weights.append(present[:, m].astype(float))
         stacked, w = np.stack(parts), np.stack(weights)[..., None]  # (3, N, K), (3, N, 1)
         return (stacked * w).sum(0) / np.clip(w.sum(0), 1.0, None)
 
@@ -103,9 +103,9 @@ def _diffmic_predictor(params: Params, data: ProcessedDataset, epochs: int) -> r
     train_labels = data.arrays["label"][data.indices("train")]
     prior = np.bincount(train_labels, minlength=data.n_classes) / len(train_labels)
 
-    def predict(data: ProcessedDataset, index: np.ndarray, used: np.ndarray, impute: bool) -> np.ndarray:
+    def predict(data: ProcessedDataset, index: np.ndarray, present: np.ndarray, impute: bool) -> np.ndarray:
         probs = np.tile(prior, (len(index), 1))
-        with_image = used[:, 0]
+        with_image = present[:, MODALITIES.index("image")]
         if with_image.any():
             probs[with_image] = predict_proba_diffmic(model, data, index[with_image], seed=params.seed)
         return probs
@@ -130,8 +130,8 @@ def _row(name: str, rows: list[dict], test: dict) -> dict:
 
 
 def run_suite(params: Params, processed_dir: Path, report_dir: Path) -> SuiteResult:
-    from meddiff.training.latent_diffusion import refine_latent_diffusion
-    from meddiff.training.train import data_digest, run_key, train_model
+    from meddiff.training.fit import fit
+    from meddiff.training.train import data_digest, run_key
 
     config = params.evaluate
     epochs = config.suite_epochs or params.train.epochs
@@ -147,8 +147,7 @@ def run_suite(params: Params, processed_dir: Path, report_dir: Path) -> SuiteRes
         LOG.info("suite: training %s for up to %d epochs", variant, epochs)
         key = run_key(variant_params, data_md5)
         checkpoint_dir = Path(params.paths.checkpoints) / "suite" / f"{variant}-{key}"
-        model, _, _ = train_model(variant_params, data, checkpoint_dir)
-        refine_latent_diffusion(model, data, variant_params)
+        model = fit(variant_params, data, checkpoint_dir).model
         predictors[variant] = model_predictor(model, params.seed)
         imputation[variant] = model.spec.diffusion.impute_missing_latents and variant_params.train.lambda_diff > 0
     if "no_imputation" in config.suite:

@@ -77,14 +77,15 @@ def token_relevance(output: ModelOutput, method: Method) -> torch.Tensor:
 def explain_batch(
     model: MedDiffModel,
     inputs: dict[str, torch.Tensor],
-    modality_used: torch.Tensor,
+    modality_present: torch.Tensor,
     method: Method,
 ) -> Attributions:
-    """Forward (with attentions), backpropagate the predicted logit, and read the relevance."""
+    """Forward (with attentions), backpropagate the predicted logit, and read the relevance of the
+    patients' ``inputs`` with ``modality_present`` (B, 3); an absent modality gets no relevance."""
     model.eval()
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
-        output = model(inputs, modality_used, output_attentions=True)
+        output = model(inputs, modality_present, output_attentions=True)
         output.attention.retain_grad()
         predicted = output.logits.argmax(dim=1)
         output.logits.gather(1, predicted.unsqueeze(1)).sum().backward()

@@ -15,11 +15,11 @@ import numpy as np
 
 from meddiff import MODALITIES
 from meddiff.config import Params
+from meddiff.data.batches import model_inputs, to_batch
 from meddiff.data.dataset import ProcessedDataset, load_processed
-from meddiff.explain.attribution import Attributions, attribution_mask, dice, explain_batch, pointing_hit
+from meddiff.explain.attribution import Attributions, Method, attribution_mask, dice, explain_batch, pointing_hit
 from meddiff.io import atomic_dir, atomic_file, write_json
-from meddiff.training.batches import MODEL_INPUTS, to_batch
-from meddiff.training.checkpoint import load_model
+from meddiff.model.multimodal import MedDiffModel
 
 LOG = logging.getLogger(__name__)
 
@@ -81,11 +81,13 @@ def _highlight_tokens(ids: np.ndarray, weights: np.ndarray, vocabulary: dict[int
     return " ".join(spans)
 
 
-def _explain_all(model, data: ProcessedDataset, index: np.ndarray, method: str, batch_size: int = 16) -> Attributions:
+def _explain_all(
+    model: MedDiffModel, data: ProcessedDataset, index: np.ndarray, method: Method, batch_size: int = 16
+) -> Attributions:
     parts = []
     for start in range(0, len(index), batch_size):
         batch = to_batch(data, index[start : start + batch_size])
-        parts.append(explain_batch(model, {k: batch[k] for k in MODEL_INPUTS}, batch["present"], method))
+        parts.append(explain_batch(model, model_inputs(batch), batch["modality_present"], method))
     return Attributions(*(np.concatenate([getattr(p, f) for p in parts]) for f in Attributions.__dataclass_fields__))
 
 
@@ -123,7 +125,7 @@ def _summary(rows: list[dict]) -> dict[str, float]:
 def run_explain(params: Params, processed_dir: Path, model_dir: Path, report_dir: Path) -> ExplainResult:
     config = params.explain
     data = load_processed(processed_dir)
-    model = load_model(model_dir)
+    model = MedDiffModel.from_pretrained(model_dir)
     index = select_patients(data, config.n_patients)
     if len(index) == 0:
         raise ValueError(f"{processed_dir}: no test patient has an image and a lesion mask to explain")

@@ -26,11 +26,10 @@ import torch
 
 from meddiff.config import Params
 from meddiff.data.dataset import ProcessedDataset, load_processed
+from meddiff.data.tokenizer import N_SPECIAL_TOKENS
 from meddiff.io import atomic_dir, atomic_file, write_json
 from meddiff.model.inference import encode_latents
 from meddiff.model.multimodal import MedDiffModel
-from meddiff.training.checkpoint import load_model
-from meddiff.training.objective import N_SPECIAL_TOKENS
 
 LOG = logging.getLogger(__name__)
 KEYWORDS_PER_NOTE = 8
@@ -121,12 +120,13 @@ def run_generate(
 ) -> GenerateResult:
     config = params.generate
     data = load_processed(processed_dir)
-    model = load_model(model_dir)
+    model = MedDiffModel.from_pretrained(model_dir)
     generator = torch.Generator().manual_seed(params.seed)
     labels = np.repeat(np.arange(data.n_classes), config.n_per_class)
-    z = model.diffusion.sample(
+    sampled = model.sample_latents(
         torch.from_numpy(labels), config.num_inference_steps, config.guidance_scale, generator
-    )[:, 0].numpy()  # channel 0 of the latent stack is the fused patient latent z
+    )
+    z = sampled.z.numpy()
     with torch.no_grad():
         predicted = model.classify_latent(torch.from_numpy(z)).argmax(dim=1).numpy()
     agreement = {

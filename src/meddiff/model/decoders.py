@@ -15,15 +15,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: The image decoder upsamples its seed volume by 2 this many times (one transposed convolution each).
+N_UPSAMPLINGS = 3
+
 
 class ImageDecoder(nn.Module):
-    """(B, d) → (B, 1, D, H, W) in [0, 1]; three ×2 upsamplings from a (D/8, H/8, W/8) seed."""
+    """(B, d) → (B, 1, D, H, W) in [0, 1]; three ×2 upsamplings from a (D/8, H/8, W/8) seed.
+
+    Raises:
+        ValueError: a side of ``spatial_size`` not divisible by 8.
+    """
 
     def __init__(self, d_model: int, spatial_size: tuple[int, int, int], channels: int = 16):
         super().__init__()
-        if any(side % 8 for side in spatial_size):
-            raise ValueError(f"spatial_size must be divisible by 8 for the image decoder, got {spatial_size}")
-        self.seed_shape = (channels, *(side // 8 for side in spatial_size))
+        upsampling = 2**N_UPSAMPLINGS
+        if any(side % upsampling for side in spatial_size):
+            raise ValueError(f"spatial_size must be divisible by {upsampling} for the image decoder: {spatial_size}")
+        self.seed_shape = (channels, *(side // upsampling for side in spatial_size))
         seed_voxels = self.seed_shape[1] * self.seed_shape[2] * self.seed_shape[3]
         self.seed = nn.Linear(d_model, channels * seed_voxels)
         self.upsample = nn.Sequential(

@@ -1,11 +1,12 @@
 """Latent diffusion on the hierarchy of latents (proposal §3.2.3).
 
-The diffused sample is the stack x = [z, h_image, h_text, h_tabular]: the fused patient latent and
-the (LayerNorm-ed) modality latents, each d-dimensional and laid out as a √d × √d map, one channel
-each (MONAI's ``DiffusionModelUNet`` has no 1-D form; d = 64 → four 8 × 8 channels). Modelling
-them jointly lets the same network
+The diffused sample is the latent stack x = [z, h_image, h_text, h_tabular]
+(:class:`~meddiff.model.latent_stack.LatentStack`): the fused patient latent and the (LayerNorm-ed)
+modality latents, each d-dimensional and laid out as a √d × √d map, one channel each (MONAI's
+``DiffusionModelUNet`` has no 1-D form; d = 64 → four 8 × 8 channels). This module sees only
+channels, not what they mean. Modelling them jointly lets the same network
 
-* generate patients: sample x class-conditionally and read z (channel 0), and
+* generate patients: sample x class-conditionally and read z, and
 * impute a missing modality: inpaint its channel given the channels of the present modalities
   (RePaint, Lugmayr et al. 2022, without resampling: after every reverse step the known channels
   are replaced by the forward-noised truth at that step).

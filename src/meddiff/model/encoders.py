@@ -14,10 +14,16 @@ fusion attends over) and one modality latent ``h_i`` (the fusion query for that 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+#: The image backbone downsamples twice by 2: the stem convolution and the first residual unit; later
+#: units keep the resolution. The region-token grid is the input divided by their product.
+STEM_STRIDE = 2
+FIRST_UNIT_STRIDE = 2
 
 
 @dataclass
@@ -28,7 +34,11 @@ class EncodedModality:
 
 
 class ImageEncoder(nn.Module):
-    """3-D residual CNN: (B, 1, D, H, W) → region tokens on a (D/4, H/4, W/4) grid plus a latent."""
+    """3-D residual CNN: (B, 1, D, H, W) → region tokens on a (D/4, H/4, W/4) grid plus a latent.
+
+    Raises:
+        ValueError: fewer than two channel levels, or a side not divisible by the downsampling (4).
+    """
 
     def __init__(self, spatial_size: tuple[int, int, int], channels: list[int], d_model: int, dropout: float):
         super().__init__()
@@ -36,15 +46,17 @@ class ImageEncoder(nn.Module):
 
         if len(channels) < 2:
             raise ValueError(f"image_channels needs at least two levels, got {channels}")
-        if any(side % 4 for side in spatial_size):
-            raise ValueError(f"spatial_size must be divisible by 4, got {spatial_size}")
+        unit_strides = [FIRST_UNIT_STRIDE, *[1] * (len(channels) - 2)]  # one residual unit per level after the stem
+        #: voxels per region token along each axis
+        self.downsampling = STEM_STRIDE * math.prod(unit_strides)
+        if any(side % self.downsampling for side in spatial_size):
+            raise ValueError(f"spatial_size must be divisible by {self.downsampling}, got {spatial_size}")
         layers: list[nn.Module] = [
-            nn.Conv3d(1, channels[0], kernel_size=3, stride=2, padding=1),
+            nn.Conv3d(1, channels[0], kernel_size=3, stride=STEM_STRIDE, padding=1),
             nn.InstanceNorm3d(channels[0], affine=True),
             nn.PReLU(),
         ]
-        for index, (c_in, c_out) in enumerate(itertools.pairwise(channels)):
-            stride = 2 if index == 0 else 1
+        for (c_in, c_out), stride in zip(itertools.pairwise(channels), unit_strides, strict=True):
             layers.append(
                 ResidualUnit(
                     spatial_dims=3, in_channels=c_in, out_channels=c_out, strides=stride,
@@ -52,7 +64,7 @@ class ImageEncoder(nn.Module):
                 )
             )
         self.backbone = nn.Sequential(*layers)
-        self.grid = tuple(side // 4 for side in spatial_size)
+        self.grid = tuple(side // self.downsampling for side in spatial_size)
         n_tokens = self.grid[0] * self.grid[1] * self.grid[2]
         self.project = nn.Linear(channels[-1], d_model)
         self.position = nn.Parameter(torch.zeros(1, n_tokens, d_model))

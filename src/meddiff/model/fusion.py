@@ -1,6 +1,6 @@
 """Cross-modal attention fusion (proposal §3.2.2).
 
-For modality query ``i`` and key token ``j`` (tokens of every modality used for this patient):
+For modality query ``i`` and key token ``j`` (tokens of every modality present for this patient):
 
     α_ij = softmax_j(Q_i K_jᵀ / √d_k),   Q_i = h_i W^Q,  K_j = h_j W^K,  V_j = h_j W^V
     z    = Σ_i Σ_j α_ij V_j   (averaged over the queries, then W^O and LayerNorm)
@@ -52,7 +52,7 @@ class CrossModalFusion(nn.Module):
         latents: list[torch.Tensor],
         tokens: list[torch.Tensor],
         token_masks: list[torch.Tensor],
-        modality_used: torch.Tensor,
+        modality_present: torch.Tensor,
         key_bias: torch.Tensor | None = None,
         imputed_queries: torch.Tensor | None = None,
     ) -> FusionOutput:
@@ -62,23 +62,22 @@ class CrossModalFusion(nn.Module):
             latents: per modality (B, d) latents h_i.
             tokens: per modality (B, T_m, d) tokens.
             token_masks: per modality (B, T_m), True for real tokens.
-            modality_used: (B, M) True where the modality is present and not masked; at least one
-                per row.
+            modality_present: (B, M) True where the modality is present (and not masked).
             key_bias: optional (B, T) additive bias on the attention logits of each key token.
-            imputed_queries: optional (B, M, d) latents imputed for unused modalities (by latent
+            imputed_queries: optional (B, M, d) latents imputed for absent modalities (by latent
                 diffusion); they replace the learned missing-modality tokens as queries.
         """
-        batch = modality_used.shape[0]
-        used = modality_used.unsqueeze(-1)  # (B, M, 1)
+        batch = modality_present.shape[0]
+        present = modality_present.unsqueeze(-1)  # (B, M, 1)
         queries = torch.stack(latents, dim=1)  # (B, M, d)
         stand_in = self.missing_query.expand_as(queries) if imputed_queries is None else imputed_queries
-        queries = torch.where(used, queries, stand_in)
+        queries = torch.where(present, queries, stand_in)
         keys = torch.cat(
             [*(t + self.modality_type[m] for m, t in enumerate(tokens)), self.null_key.expand(batch, 1, -1)], dim=1
         )  # (B, T + 1, d)
         key_valid = torch.cat(
-            [*(mask & modality_used[:, m : m + 1] for m, mask in enumerate(token_masks)),
-             torch.ones(batch, 1, dtype=torch.bool, device=modality_used.device)],
+            [*(mask & modality_present[:, m : m + 1] for m, mask in enumerate(token_masks)),
+             torch.ones(batch, 1, dtype=torch.bool, device=modality_present.device)],
             dim=1,
         )  # (B, T + 1)
 
@@ -99,7 +98,7 @@ class CrossModalFusion(nn.Module):
 
 class ConcatFusion(nn.Module):
     """Ablation of cross-attention (proposal §3.6): z = LN(MLP([h_1; …; h_M])), with the learned
-    missing-modality token in place of each unused modality's latent. No attention weights."""
+    missing-modality token in place of each absent modality's latent. No attention weights."""
 
     def __init__(self, d_model: int, n_modalities: int, dropout: float):
         super().__init__()
@@ -117,11 +116,11 @@ class ConcatFusion(nn.Module):
         latents: list[torch.Tensor],
         tokens: list[torch.Tensor],
         token_masks: list[torch.Tensor],
-        modality_used: torch.Tensor,
+        modality_present: torch.Tensor,
         key_bias: torch.Tensor | None = None,
         imputed_queries: torch.Tensor | None = None,
     ) -> FusionOutput:
         stacked = torch.stack(latents, dim=1)  # (B, M, d)
         stand_in = self.missing_query.expand_as(stacked) if imputed_queries is None else imputed_queries
-        stacked = torch.where(modality_used.unsqueeze(-1), stacked, stand_in)
+        stacked = torch.where(modality_present.unsqueeze(-1), stacked, stand_in)
         return FusionOutput(z=self.norm(self.mlp(stacked.flatten(1))), attention=None)

@@ -5,13 +5,18 @@
     EHR   ─ TabularEncoder ┘ tokens + h_tabular          ├── LatentDiffusion (DDPM on z, class-conditional)
                                                           └── decoders ──> volume, EHR vector, note terms
 
-``modality_used`` (B, 3) says which modalities each patient contributes (present in the data and not
-masked); unused modalities cannot influence any output.
+``modality_present`` (B, 3) says which modalities each patient's input has; training masks a
+modality by presenting it as absent. An absent modality cannot influence any output.
+
+The model saves and loads itself (:meth:`MedDiffModel.save_pretrained` / :meth:`~MedDiffModel.from_pretrained`,
+the diffusers pattern): the weights as a plain state dict (loaded with ``weights_only=True``, never an
+arbitrary pickle) and the :class:`ModelSpec` as JSON beside them, each written atomically.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,11 +24,19 @@ from torch import nn
 
 from meddiff import MODALITIES
 from meddiff.config import DiffusionConfig, ModelConfig
+from meddiff.io import atomic_file, read_json, write_json
 from meddiff.model.decoders import ImageDecoder, KeywordDecoder, TabularDecoder
 from meddiff.model.diffusion import LatentDiffusion
 from meddiff.model.encoders import ImageEncoder, TabularEncoder, TextEncoder
 from meddiff.model.fusion import ConcatFusion, CrossModalFusion
+from meddiff.model.latent_stack import N_LATENT_CHANNELS, LatentStack
 from meddiff.model.ontology import NO_TERM, load_terms
+
+WEIGHTS_FILE = "model.pt"
+SPEC_FILE = "model_spec.json"
+#: The model folder's record of where the model came from (MLflow run, registered version), written by
+#: the train stage beside the weights and read by the stages that use the model.
+RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
@@ -96,13 +109,37 @@ class MedDiffModel(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, spec.n_classes)
         )
-        self.diffusion = LatentDiffusion(d, spec.n_classes, spec.diffusion, n_channels=1 + len(MODALITIES))
+        self.diffusion = LatentDiffusion(d, spec.n_classes, spec.diffusion, n_channels=N_LATENT_CHANNELS)
         self.image_decoder = ImageDecoder(d, spec.spatial_size)
         self.tabular_decoder = TabularDecoder(d, spec.n_tabular, cfg.tabular_hidden)
         self.keyword_decoder = KeywordDecoder(d, spec.vocab_size)
         n_terms = len(load_terms())
         self.register_buffer("token_term", torch.full((spec.vocab_size,), NO_TERM, dtype=torch.long))
         self.term_bias = nn.Parameter(torch.full((n_terms,), float(cfg.ontology_prior_init)))
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``model.pt`` (the state dict) and ``model_spec.json`` into ``directory``; return the weights path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_file(directory / WEIGHTS_FILE, "wb") as handle:
+            torch.save(self.state_dict(), handle)
+        write_json(directory / SPEC_FILE, self.spec.to_dict())
+        return directory / WEIGHTS_FILE
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> MedDiffModel:
+        """The model :meth:`save_pretrained` wrote into ``directory``, on ``device``, in eval mode.
+
+        Raises:
+            FileNotFoundError: ``directory`` holds no ``model.pt`` (or no ``model_spec.json``).
+        """
+        directory = Path(directory)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: no trained model; run `meddiff train` first")
+        model = cls(ModelSpec.from_dict(read_json(directory / SPEC_FILE)))
+        model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
+        return model.to(device).eval()
 
     def set_token_terms(self, token_term: np.ndarray) -> None:
         """Map token ids to ontology terms (from the tokenizer vocabulary; saved with the weights)."""
@@ -116,21 +153,21 @@ class MedDiffModel(nn.Module):
     def forward(
         self,
         batch: dict[str, torch.Tensor],
-        modality_used: torch.Tensor,
+        modality_present: torch.Tensor,
         output_attentions: bool = False,
         impute_missing: bool = False,
         generator: torch.Generator | None = None,
     ) -> ModelOutput:
-        """Diagnose from the modalities in ``modality_used``; with ``impute_missing`` the latent of
-        each unused modality is inpainted by the latent diffusion model from the used ones. Modalities
-        outside ``spec.modalities`` are never used."""
-        modality_used = modality_used & self.allowed_modalities
+        """Diagnose from the modalities in ``modality_present`` (B, 3); with ``impute_missing`` the
+        latent of each absent modality is inpainted by the latent diffusion model from the present
+        ones. Modalities outside ``spec.modalities`` are never used."""
+        modality_present = modality_present & self.allowed_modalities
         image = self.image_encoder(batch["image"])
         text, text_attentions = self.text_encoder(batch["token_ids"], batch["token_mask"], output_attentions)
         tabular = self.tabular_encoder(batch["tabular"], batch["tabular_missing"])
         encoded = (image, text, tabular)
         latents = torch.stack([self.latent_norm(e.latent) for e in encoded], dim=1)  # (B, M, d)
-        imputed = self.impute_latents(latents, modality_used, generator) if impute_missing else None
+        imputed = self.impute_latents(latents, modality_present, generator) if impute_missing else None
         key_bias = None
         if self.spec.model.ontology_attention:
             key_bias = torch.cat([
@@ -142,7 +179,7 @@ class MedDiffModel(nn.Module):
             latents=list(latents.unbind(dim=1)),
             tokens=[e.tokens for e in encoded],
             token_masks=[e.token_mask for e in encoded],
-            modality_used=modality_used,
+            modality_present=modality_present,
             key_bias=key_bias,
             imputed_queries=imputed,
         )
@@ -161,14 +198,25 @@ class MedDiffModel(nn.Module):
 
     @torch.no_grad()
     def impute_latents(
-        self, latents: torch.Tensor, modality_used: torch.Tensor, generator: torch.Generator | None = None
+        self, latents: torch.Tensor, modality_present: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Inpaint the latents of unused modalities from the used ones (channels 1.. of the stack;
-        z, channel 0, is unknown too and inpainted alongside)."""
-        known = torch.cat([torch.zeros_like(latents[:, :1]), latents], dim=1)  # (B, 1 + M, d)
-        known_mask = torch.cat([torch.zeros_like(modality_used[:, :1]), modality_used], dim=1)
+        """(B, M, d): the latents (B, M, d) of absent modalities inpainted from the present ones (z is
+        unknown too and inpainted alongside); present modalities keep their latents."""
+        stack = LatentStack.build(latents, modality_present)
         steps = self.spec.diffusion.imputation_steps
-        return self.diffusion.inpaint(known, known_mask, steps, generator)[:, 1:]
+        filled = self.diffusion.inpaint(stack.values, stack.known, steps, generator)
+        return LatentStack.complete(filled).modality_latents
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        labels: torch.Tensor,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator | None = None,
+    ) -> LatentStack:
+        """Class-conditional latent stacks for ``labels`` (B,), sampled with classifier-free guidance."""
+        return LatentStack.complete(self.diffusion.sample(labels, num_inference_steps, guidance_scale, generator))
 
     def classify_latent(self, z: torch.Tensor) -> torch.Tensor:
         return self.classifier(z)

@@ -10,27 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow.pyfunc
-import numpy as np
 import torch
+
+from meddiff.data.batches import MODEL_INPUTS, model_inputs, to_tensors
+from meddiff.model.multimodal import MedDiffModel
 
 
 class MedDiffPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        from meddiff.training.checkpoint import load_model
-
-        self.model = load_model(context.artifacts["model_dir"])
+        self.model = MedDiffModel.from_pretrained(context.artifacts["model_dir"])
 
     # No type hints on purpose: MLflow 3 derives a schema from predict's hints and cannot express a
     # dict of N-d arrays; the signature is inferred from the logged input example instead.
     def predict(self, context, model_input, params=None):
         with torch.no_grad():
-            inputs = {
-                "image": torch.as_tensor(np.asarray(model_input["image"], dtype=np.float32)),
-                "token_ids": torch.as_tensor(np.asarray(model_input["token_ids"], dtype=np.int64)),
-                "token_mask": torch.as_tensor(np.asarray(model_input["token_mask"], dtype=bool)),
-                "tabular": torch.as_tensor(np.asarray(model_input["tabular"], dtype=np.float32)),
-                "tabular_missing": torch.as_tensor(np.asarray(model_input["tabular_missing"], dtype=bool)),
-            }
-            used = torch.as_tensor(np.asarray(model_input["modality_present"], dtype=bool))
-            logits = self.model(inputs, used).logits
+            batch = to_tensors({name: model_input[name] for name in (*MODEL_INPUTS, "modality_present")})
+            logits = self.model(model_inputs(batch), batch["modality_present"]).logits
             return torch.softmax(logits, dim=-1).numpy()

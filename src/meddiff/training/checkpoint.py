@@ -1,5 +1,7 @@
-"""Model checkpoints: weights as a plain state dict (loaded with ``weights_only=True``, never an
-arbitrary pickle) and the :class:`ModelSpec` as JSON beside them. Written atomically."""
+"""The resumable training state: weights, optimiser, schedule, RNG states and the loop's position,
+saved as tensors, numbers, strings, lists and dicts only (loaded with ``weights_only=True``, never an
+arbitrary pickle), written atomically. The trained model itself saves and loads itself
+(:meth:`meddiff.model.multimodal.MedDiffModel.save_pretrained`)."""
 
 from __future__ import annotations
 
@@ -7,30 +9,7 @@ from pathlib import Path
 
 import torch
 
-from meddiff.io import atomic_file, read_json, write_json
-from meddiff.model.multimodal import MedDiffModel, ModelSpec
-
-WEIGHTS_FILE = "model.pt"
-SPEC_FILE = "model_spec.json"
-
-
-def save_model(model: MedDiffModel, directory: str | Path) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_file(directory / WEIGHTS_FILE, "wb") as handle:
-        torch.save(model.state_dict(), handle)
-    write_json(directory / SPEC_FILE, model.spec.to_dict())
-    return directory / WEIGHTS_FILE
-
-
-def load_model(directory: str | Path, device: torch.device | str = "cpu") -> MedDiffModel:
-    directory = Path(directory)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: no trained model; run `meddiff train` first")
-    model = MedDiffModel(ModelSpec.from_dict(read_json(directory / SPEC_FILE)))
-    model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
-    return model.to(device).eval()
+from meddiff.io import atomic_file
 
 
 def save_training_state(path: str | Path, state: dict) -> None:

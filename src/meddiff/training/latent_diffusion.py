@@ -20,8 +20,10 @@ from meddiff.config import Params
 from meddiff.data.dataset import ProcessedDataset
 from meddiff.model.inference import encode_latent_stacks
 from meddiff.model.multimodal import MedDiffModel
+from meddiff.training.seeding import REFINE_SEED_OFFSET
 
 LOG = logging.getLogger(__name__)
+LOG_EVERY_EPOCHS = 10  # the refinement runs many short epochs; MLflow gets every tenth and the last
 
 
 def refine_latent_diffusion(
@@ -35,10 +37,10 @@ def refine_latent_diffusion(
     if config.refine_epochs == 0:
         return []
     index = data.indices("train")
-    stacks, known = encode_latent_stacks(model, data, index)
+    stacks = encode_latent_stacks(model, data, index)
     labels = torch.from_numpy(data.arrays["label"][index].astype(np.int64))
-    generator = torch.Generator().manual_seed(params.seed + 2000)
-    order_rng = np.random.default_rng(params.seed + 2000)
+    generator = torch.Generator().manual_seed(params.seed + REFINE_SEED_OFFSET)
+    order_rng = np.random.default_rng(params.seed + REFINE_SEED_OFFSET)
     optimizer = torch.optim.AdamW(model.diffusion.parameters(), lr=config.refine_learning_rate)
     model.diffusion.train()
     losses = []
@@ -47,13 +49,14 @@ def refine_latent_diffusion(
         total = 0.0
         for start in range(0, len(order), config.refine_batch_size):
             rows = order[start : start + config.refine_batch_size]
-            loss = model.diffusion.loss(stacks[rows], labels[rows], channel_known=known[rows], generator=generator)
+            batch = stacks[rows]
+            loss = model.diffusion.loss(batch.values, labels[rows], channel_known=batch.known, generator=generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(rows)
         losses.append(total / len(order))
-        if log_metrics is not None and (epoch % 10 == 0 or epoch == config.refine_epochs - 1):
+        if log_metrics is not None and (epoch % LOG_EVERY_EPOCHS == 0 or epoch == config.refine_epochs - 1):
             log_metrics({"refine_diffusion_loss": losses[-1]}, step=epoch)
     model.diffusion.eval()
     LOG.info("latent diffusion refined for %d epochs: loss %.4f → %.4f", len(losses), losses[0], losses[-1])

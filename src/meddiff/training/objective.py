@@ -12,28 +12,34 @@ in the proposal; 0 gives the classifier-only ablation).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from meddiff import MODALITIES
 from meddiff.config import TrainConfig
+from meddiff.data.batches import model_inputs
+from meddiff.data.tokenizer import N_SPECIAL_TOKENS
+from meddiff.model.latent_stack import LatentStack
 from meddiff.model.multimodal import MedDiffModel, ModelOutput
-from meddiff.training.batches import MODEL_INPUTS
 
-N_SPECIAL_TOKENS = 4  # [PAD], [UNK], [CLS], [SEP] come first in the vocabulary
+IMAGE, TEXT, TABULAR = (MODALITIES.index(m) for m in ("image", "text", "tabular"))
 
 
 @dataclass
 class LossBreakdown:
+    """The terms of L, each a scalar tensor: ``total`` = λ_diff·``diff`` + λ_cls·``cls`` + λ_recon·``recon``."""
+
     total: torch.Tensor
     cls: torch.Tensor
     diff: torch.Tensor
     recon: torch.Tensor
 
-    def as_floats(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("total", "cls", "diff", "recon")}
+
+#: The loss terms in the order of :class:`LossBreakdown` (per-epoch means in the training history).
+LOSS_TERMS: tuple[str, ...] = tuple(f.name for f in fields(LossBreakdown))
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -68,17 +74,16 @@ def compute_losses(
     generator: torch.Generator | None = None,
 ) -> LossBreakdown:
     labels = batch["label"]
-    present = batch["present"]
+    # What the patient has in the data, masked or not: the targets of L_diff and L_recon.
+    present = batch["modality_present"]
     loss_cls = F.cross_entropy(output.logits, labels, weight=weights)
 
-    stack = torch.cat([output.z.unsqueeze(1), output.modality_latents], dim=1)  # (B, 1 + M, d)
-    stack = stack.detach() if config.latent_stop_gradient else stack
-    known = torch.cat([torch.ones_like(present[:, :1]), present], dim=1)
-    stack = stack * known.unsqueeze(-1)  # a modality absent from the data has no latent to learn
-    loss_diff = model.diffusion.loss(stack, labels, channel_known=known, generator=generator)
+    stack = LatentStack.build(output.modality_latents, present, z=output.z)  # (B, 1 + M, d)
+    values = stack.values.detach() if config.latent_stop_gradient else stack.values
+    loss_diff = model.diffusion.loss(values, labels, channel_known=stack.known, generator=generator)
 
     z = output.z
-    has_image, has_text, has_tabular = present[:, 0].float(), present[:, 1].float(), present[:, 2].float()
+    has_image, has_text, has_tabular = (present[:, m].float() for m in (IMAGE, TEXT, TABULAR))
     image_error = ((model.image_decoder(z) - batch["image"]) ** 2).flatten(1).mean(dim=1)
     loss_image = _masked_mean(image_error, has_image)
     observed = (~batch["tabular_missing"]).float() * has_tabular.unsqueeze(1)
@@ -111,8 +116,12 @@ class TrainingObjective(torch.nn.Module):
         self.generator = generator
         self.register_buffer("class_weights", weights if weights is not None else torch.empty(0), persistent=False)
 
-    def forward(self, batch: dict[str, torch.Tensor], modality_used: torch.Tensor) -> dict[str, torch.Tensor]:
-        output = self.model({k: batch[k] for k in MODEL_INPUTS}, modality_used)
+    def forward(self, batch: dict[str, torch.Tensor], modality_present: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms of L (:data:`LOSS_TERMS`) for ``batch``, the model seeing ``modality_present``
+        (B, M): the batch's own after masking. A dict, not a :class:`LossBreakdown`: with
+        ``find_unused_parameters`` DDP passes the output tensors through its sink by flattening the
+        output as a pytree, which opens a dict but not a dataclass."""
+        output = self.model(model_inputs(batch), modality_present)
         weights = self.class_weights if self.class_weights.numel() else None
         losses = compute_losses(self.model, batch, output, self.config, weights, self.generator)
-        return {"total": losses.total, "cls": losses.cls, "diff": losses.diff, "recon": losses.recon}
+        return {name: getattr(losses, name) for name in LOSS_TERMS}

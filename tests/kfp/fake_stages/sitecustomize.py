@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from meddiff.config import Params
-from meddiff.stages import STAGES
+from meddiff.stage_table import PIPELINE_STAGES, STAGES
 
 
 def _read(directory: Path, name: str) -> dict[str, Any]:
@@ -81,6 +81,16 @@ def run_evaluate(params: Params, processed_dir: Path, model_dir: Path, report_di
     return {"auc_macro": 0.875, "report_dir": Path(report_dir)}
 
 
+def run_promote(
+    params: Params, processed_dir: Path, model_dir: Path, evaluation_dir: Path, report_dir: Path
+) -> dict[str, Any]:
+    _read(model_dir, "run.json")
+    candidate_auc = _read(evaluation_dir, "metrics.json")["test"]["auc_macro"]
+    decision = {"promoted": True, "candidate_auc": candidate_auc}
+    _write(report_dir, "decision.json", decision)
+    return decision
+
+
 def run_generate(
     params: Params, processed_dir: Path, model_dir: Path, synthetic_dir: Path, report_dir: Path
 ) -> dict[str, Any]:
@@ -104,11 +114,12 @@ _FAKES = {
     "preprocess": run_preprocess,
     "train": run_train,
     "evaluate": run_evaluate,
+    "promote": run_promote,
     "generate": run_generate,
     "explain": run_explain,
 }
 
-for _spec in STAGES.values():
+for _spec in (STAGES[name] for name in PIPELINE_STAGES):
     _module = types.ModuleType(_spec.module, f"fake {_spec.name} stage (tests/kfp/fake_stages)")
     setattr(_module, _spec.function, _FAKES[_spec.name])
     sys.modules[_spec.module] = _module

@@ -4,6 +4,9 @@ calibration and fairness gaps.
 Classes absent from ``y_true`` have no defined one-vs-rest AUC; the macro AUC averages over the
 classes present (and says which in ``auc_classes``) instead of failing, which matters for small test
 splits of a rare disease.
+
+A leaf module (it imports nothing from meddiff): training's per-epoch validation and every
+evaluation report compute the same numbers with the same functions.
 """
 
 from __future__ import annotations
