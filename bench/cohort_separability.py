@@ -5,8 +5,11 @@ Logistic regression on simple per-modality features of ``data/processed`` (run `
 one-vs-rest ROC AUC (and per class). A missing modality stays missing (zeros / imputed), as the
 model will see it.
 
-* image: normalised histogram of windowed intensities (24 bins over (0, 1), clipped voxels dropped)
-  plus the 1st/5th/50th/95th/99th percentiles;
+* image: the hand-made brain-density features of the suite's ``feature_lr`` baseline
+  (:func:`meddiff.evaluation.feature_baseline.image_features`: smoothed-HU histogram, extremes,
+  hyperdense/hypodense counts, CSF fraction) for the density-channel images of issue 10; for older
+  single-channel arrays the normalised histogram of windowed intensities (24 bins over (0, 1), clipped
+  voxels dropped) plus the 1st/5th/50th/95th/99th percentiles;
 * text: binary bag of token ids (the fitted WordLevel vocabulary);
 * tabular: the standardised labs, age, sex and the missing flags.
 
@@ -29,8 +32,13 @@ from sklearn.preprocessing import StandardScaler
 from meddiff.data.dataset import load_processed
 
 
-def image_features(images: np.ndarray) -> np.ndarray:
-    """Histogram + percentiles of the in-window voxels of each image."""
+def image_features(images: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
+    """Brain-density features of density-channel images, else histogram + percentiles of in-window voxels."""
+    from meddiff.data.brain import IMAGE_CHANNELS
+    from meddiff.evaluation.feature_baseline import image_features as brain_features
+
+    if images.shape[1] == len(IMAGE_CHANNELS):
+        return brain_features(images, hu_window)
     flat = images.reshape(len(images), -1).astype(np.float32)
     features = []
     for row in flat:
@@ -71,7 +79,7 @@ def main() -> None:
     dataset = load_processed(Path(args.processed))
     arrays, labels = dataset.arrays, dataset.arrays["label"]
     blocks = {
-        "image": image_features(arrays["image"]),
+        "image": image_features(arrays["image"], tuple(dataset.meta.get("hu_window", (0.0, 1.0)))),
         "text": text_features(arrays["token_ids"], dataset.vocab_size),
         "tabular": np.concatenate([arrays["tabular"], arrays["tabular_missing"]], axis=1),
     }

@@ -5,7 +5,9 @@ already holds ``meddiff`` and ``kfp`` (see ``docker/``): nothing is pip-installe
 (``install_kfp_package=False``, no ``packages_to_install``).
 
 Lightweight components are serialized from their function *source*, so every body below is one
-self-contained library call, :func:`meddiff.stages.run_component`, which does everything else:
+self-contained library call, :func:`meddiff.stages.run_component` (train:
+:func:`meddiff_components.trainjob_run.run_train`, which is ``run_component`` on one GPU and a Kubeflow
+Trainer TrainJob on more), which does everything else:
 
 * parameters travel as one string, ``params_json`` (the validated :class:`meddiff.config.Params` as
   JSON), re-validated in the component;
@@ -28,7 +30,7 @@ import os
 from collections.abc import Callable
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 from kfp.dsl.python_component import PythonComponent
 
 import meddiff
@@ -105,10 +107,12 @@ def train(params_json: str, processed: Input[Dataset], model: Output[Model], dat
 
     The stage logs to MLflow at ``$MLFLOW_TRACKING_URI`` when the pod has it (set by the pipeline at
     compile time or from the ``pipeline.credentials_secret`` Secret), else at ``tracking.tracking_uri``.
+    With ``train.nodes × train.gpus_per_node > 1`` the task submits a Kubeflow Trainer TrainJob and follows
+    it (:mod:`meddiff_components.trainjob_run`); with one GPU it is :func:`meddiff.stages.run_component`.
     """
-    from meddiff.stages import run_component
+    from meddiff_components.trainjob_run import run_train
 
-    return run_component("train", params_json, data_version, processed=processed, model=model)
+    return run_train(params_json, data_version, processed=processed, model=model)
 
 
 def evaluate(
@@ -164,12 +168,16 @@ def generate(
 
 
 def explain(
-    params_json: str, processed: Input[Dataset], model: Input[Model], report: Output[Artifact], data_version: str = ""
+    params_json: str, processed: Input[Dataset], model: Input[Model], report: Output[Artifact], html: Output[HTML],
+    data_version: str = "",
 ) -> dict:
-    """Attributions, localisation scores against lesion masks and the HTML report, into ``report``."""
+    """Attributions, localisation and faithfulness scores and the HTML report, into ``report``; the
+    report page (``index.html``) is also the task's ``html`` artifact, shown by the KFP UI."""
     from meddiff.stages import run_component
 
-    return run_component("explain", params_json, data_version, processed=processed, model=model, report=report)
+    return run_component(
+        "explain", params_json, data_version, html=html, processed=processed, model=model, report=report
+    )
 
 
 #: Component function per pipeline stage, in pipeline order.

@@ -40,10 +40,11 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 from meddiff_components.stages import build_components
+from meddiff_pipelines.trainjob import configure_launcher, launches_trainjob, task_resources
 
 from meddiff.config import Params, PipelineConfig
 from meddiff.io import atomic_file
-from meddiff.stage_table import PIPELINE_STAGES, STAGES, Caching, producers
+from meddiff.stage_table import PIPELINE_STAGES, STAGES, Caching, Resources, producers
 from meddiff.tracking import git_commit
 
 PIPELINE_NAME = "meddiff"
@@ -86,11 +87,13 @@ def params_to_json(params: Params) -> str:
     return json.dumps(params.to_dict())
 
 
-def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineConfig) -> dsl.PipelineTask:
-    """Resources, GPU, toleration, node selector, timeout, retries, caching, credentials and environment
-    for one stage's task."""
+def _configure(
+    task: dsl.PipelineTask, stage: str, settings: PipelineConfig, resources: Resources | None = None
+) -> dsl.PipelineTask:
+    """Resources (default: the stage table's), GPU, toleration, node selector, timeout, retries, caching,
+    credentials and environment for one stage's task."""
     spec = STAGES[stage]
-    resources = spec.resources
+    resources = resources or spec.resources
     task.set_cpu_request(resources.cpu_request)
     task.set_memory_request(resources.memory_request)
     task.set_memory_limit(resources.memory_limit)
@@ -160,7 +163,9 @@ def build_pipeline(
                 producer, output = sources[port.data]
                 inputs[port.artifact] = tasks[producer].outputs[output.artifact]
             task = components[name](params_json=params_json, data_version=data_version, **inputs)
-            tasks[name] = _configure(task, name, settings)
+            tasks[name] = _configure(task, name, settings, task_resources(name, params))
+            if launches_trainjob(name, params):  # train.nodes × train.gpus_per_node > 1
+                configure_launcher(task, components[name], params)
 
     return meddiff
 

@@ -158,13 +158,13 @@ def configure_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
-    from meddiff.config import ParamsError
+    from meddiff.errors import UserError
 
     try:
         if args.command == "pipeline":
             return _run_pipeline(args)
         return _run_stage(args)
-    except (ParamsError, FileNotFoundError) as error:
+    except (UserError, FileNotFoundError) as error:
         print(f"meddiff {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -178,13 +178,13 @@ STAGES: dict[str, Stage] = {
             "generate", "meddiff.generation.generate", "run_generate",
             "sample class-conditional synthetic patients and measure their quality",
             inputs=(_PROCESSED, _MODEL), outputs=(_SYNTHETIC, _report("generate")),
-            params=("seed", "generate"), resources=_REPORT,
+            params=("seed", "cohort", "ingest", "generate"), resources=_REPORT,
         ),
         Stage(
             "explain", "meddiff.explain.report", "run_explain",
-            "attention attributions, Dice against lesion masks, HTML report",
+            "attributions (attention, IG, Grad-CAM, occlusion) scored against lesion masks; HTML report",
             inputs=(_PROCESSED, _MODEL), outputs=(_report("explain"),),
-            params=("seed", "explain"), resources=_REPORT,
+            params=("seed", "explain", "tracking"), resources=_REPORT,
         ),
         Stage(
             "suite", "meddiff.evaluation.suite", "run_suite",

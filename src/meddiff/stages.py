@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +21,8 @@ from meddiff.stage_table import STAGES, Stage
 
 #: Environment variable through which a run's data version reaches the stage (MLflow tags, logs).
 DATA_VERSION_ENV = "MEDDIFF_DATA_VERSION"
+#: The self-contained HTML page a report stage writes into its output folder (a KFP ``Output[HTML]``).
+REPORT_PAGE = "index.html"
 
 
 def stage(name: str) -> Stage:
@@ -77,7 +80,7 @@ class _MetricsArtifact(Protocol):
 
 def run_component(
     name: str, params_json: str, data_version: str = "", metrics: _MetricsArtifact | None = None,
-    **artifacts: _PathArtifact,
+    html: _PathArtifact | None = None, **artifacts: _PathArtifact,
 ) -> dict[str, Any]:
     """The body of every Kubeflow component: run stage ``name`` on KFP artifacts.
 
@@ -88,6 +91,8 @@ def run_component(
             the stage's MLflow tags and returned with the result.
         metrics: the task's ``Output[Metrics]``, for stages with a ``metrics_file``: every finite
             numeric leaf of that JSON file is logged under its dotted key (``test.auc_macro.value``).
+        html: the task's ``Output[HTML]``: the report page (:data:`REPORT_PAGE`) the stage wrote into its
+            one output folder that has one is copied there, for the KFP UI.
         artifacts: the task's input and output artifacts by KFP name (``raw``, ``report``); each
             artifact's ``path`` is handed to the stage as the folder of the same port.
 
@@ -115,4 +120,11 @@ def run_component(
             raise FileNotFoundError(f"{metrics_path}: stage {name!r} must write {file_name} to its {argument}")
         for key, value in numeric_leaves(json.loads(metrics_path.read_text())).items():
             metrics.log_metric(key, value)
+    if html is not None:
+        pages = [Path(folders[p.argument]) / REPORT_PAGE for p in spec.outputs if p.argument in folders]
+        pages = [page for page in pages if page.is_file()]
+        if len(pages) != 1:
+            raise FileNotFoundError(f"stage {name!r} must write one {REPORT_PAGE} into its outputs, found {pages}")
+        Path(html.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(pages[0], html.path)
     return {**result_to_dict(result), "data_version": data_version}

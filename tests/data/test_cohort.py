@@ -187,3 +187,47 @@ def test_dciodvfy_reports_no_errors(raw_cohort: Path) -> None:
         output = completed.stdout + completed.stderr
         assert "Error" not in output, output
         assert "CTImage" in output, output
+
+
+def _csf_voxels(seed: int, index: int, ventricle_age: float) -> int:
+    """CSF-dense brain voxels (< 12 HU) of a head generated as the cohort does, on a small grid."""
+    from meddiff.data.synthetic_anatomy import head_volume, voxel_centres
+
+    points = voxel_centres((24, 24, 12), (8.0, 8.0, 12.0))
+    volume, brain, _, _ = head_volume(np.random.default_rng([seed, index]), points, ventricle_age)
+    return int((volume[brain] < 12.0).sum())
+
+
+def test_ventricle_size_does_not_depend_on_the_diagnosis() -> None:
+    """Issue 10: ventricles sized by a diagnosis-independent atrophy age, not by the (older for stroke) age."""
+    from meddiff.data.cohort import AGE_MODEL, atrophy_age
+
+    config = CohortConfig(n_patients=160)
+    plans = plan_cohort(config, seed=3)
+    stroke = np.array([p.diagnosis == "ischemic_stroke" for p in plans], dtype=float)
+    # the patient's age is the first draw of its stream, as in _generate_patient
+    ages = np.array([np.random.default_rng([3, p.index]).normal(*AGE_MODEL[p.diagnosis]) for p in plans])
+    csf = np.array([_csf_voxels(3, p.index, atrophy_age(3, p.index)) for p in plans], dtype=float)
+    confounded = np.array([_csf_voxels(3, p.index, age) for p, age in zip(plans, ages, strict=True)], dtype=float)
+    assert abs(np.corrcoef(csf, stroke)[0, 1]) < 0.2
+    assert abs(np.corrcoef(csf, ages)[0, 1]) < 0.2
+    # the check has power: sizing by the patient's own age does correlate with the diagnosis
+    assert np.corrcoef(confounded, stroke)[0, 1] > 0.3 and np.corrcoef(confounded, ages)[0, 1] > 0.6
+    # the atrophy age is the same distribution for every diagnosis
+    by_class = {name: [atrophy_age(3, p.index) for p in plans if p.diagnosis == name] for name in config.classes}
+    assert max(np.mean(v) for v in by_class.values() if len(v) > 20) - min(
+        np.mean(v) for v in by_class.values() if len(v) > 20) < 8.0
+
+
+def test_the_ledger_records_each_masked_lesion_and_its_contrast(raw_cohort: Path) -> None:
+    ledger = json.loads((raw_cohort / "cohort.json").read_text())
+    lesions = {entry["patient_id"]: entry for entry in ledger["lesions"]}
+    masks = {path.name.removesuffix(".nii.gz"): path for path in (raw_cohort / "masks").glob("*.nii.gz")}
+    assert set(lesions) <= set(masks), "every recorded lesion has its mask"
+    for patient, path in masks.items():  # every non-empty mask is recorded (a tiny one may miss the grid)
+        assert patient in lesions or not np.asarray(nib.load(path).dataobj).any(), patient
+    for entry in lesions.values():
+        assert entry["kind"] in ("ischemic_stroke", "intracerebral_hemorrhage", "brain_abscess")
+        assert 0.0 <= entry["contrast_hu"] < 100.0
+        if entry["kind"] == "intracerebral_hemorrhage":  # blood (45-80 HU) against brain (28-38 HU)
+            assert entry["contrast_hu"] >= 7.0

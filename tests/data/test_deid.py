@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ from meddiff.data.deid import (
     deidentify_text,
     resolve_key,
 )
+from meddiff.data.phi_scan import find_identifiers, raw_identifiers
 
 if TYPE_CHECKING:
     from tests.data.conftest import Pipeline
@@ -110,54 +110,15 @@ def test_notes_are_scrubbed() -> None:
     assert deidentify_text("Pt 1yo, GCS 14, WBC 12.5, BP 150/90") == "Pt 1yo, GCS 14, WBC 12.5, BP 150/90"
 
 
-def _identifiers(raw: Path) -> list[str]:
-    """What must never leave raw/: ids, names, birth dates (3 spellings), addresses, phones, sites, UIDs."""
-    secrets: set[str] = set()
-    for line in (raw / "ehr" / "Patient.ndjson").read_text().splitlines():
-        patient = json.loads(line)
-        secrets.add(patient["id"])
-        for name in patient.get("name", []):
-            secrets.add(f"{name['given'][0]} {name['family']}")
-            secrets.add(f"{name['family']}^{name['given'][0]}")
-            secrets.add(name["family"])
-        for address in patient.get("address", []):
-            secrets.update([*address["line"], address["postalCode"]])
-        secrets.update(t["value"] for t in patient.get("telecom", []))
-        born = patient["birthDate"]
-        secrets.update([born, born.replace("-", ""), f"{born[5:7]}/{born[8:10]}/{born[:4]}"])
-    for path in sorted((raw / "imaging").rglob("*.dcm"))[:60:12]:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        secrets.update([ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.InstitutionName,
-                        ds.AccessionNumber])
-    return sorted(s for s in secrets if len(s) >= 5)
-
-
-def _readable_text(path: Path) -> str:
-    """Every string a file holds, whatever its format (parquet and npz are decoded, .gz unpacked)."""
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path).to_csv()
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            strings = [npz[k] for k in npz.files if npz[k].dtype.kind == "U"]
-            return " ".join(" ".join(a.astype(str).ravel().tolist()) for a in strings)
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        data = gzip.decompress(data)
-    return data.decode("latin-1") + data.decode("utf-32-le", errors="ignore")
-
-
 def test_no_identifier_reaches_interim_or_processed(pipeline: Pipeline) -> None:
-    secrets = _identifiers(pipeline.raw)
+    secrets = raw_identifiers(pipeline.raw)
     assert len(secrets) > 100 and any("^" in s for s in secrets)
     raw_note = next(p for p in sorted((pipeline.raw / "notes").glob("*.txt")) if p.stat().st_size > 100)
     assert any(s.lower() in raw_note.read_text(errors="replace").lower() for s in secrets), "the scan can find PHI"
     files = [p for root in (pipeline.interim, pipeline.processed) for p in sorted(root.rglob("*")) if p.is_file()]
     assert any(p.suffix == ".json" and p.parent.name == "headers" for p in files)
-    for path in files:
-        text = _readable_text(path).lower()
-        leaked = [s for s in secrets if s.lower() in text]
-        assert not leaked, f"{path.relative_to(path.parents[1])} holds {leaked[:5]}"
-        assert "P000" not in _readable_text(path), path  # no raw patient id in any form
+    leaks = find_identifiers([pipeline.interim, pipeline.processed], [*secrets, "P000"])  # "P000": raw id prefix
+    assert not leaks, [f"{leak.path.relative_to(leak.path.parents[1])}: {leak.identifiers[:5]}" for leak in leaks]
 
 
 def test_deidentified_headers_keep_what_the_profile_requires(pipeline: Pipeline) -> None:

@@ -113,7 +113,7 @@ def drop(tmp_path_factory: pytest.TempPathFactory) -> Drop:
     imaging, ehr, notes = raw / "imaging", raw / "ehr", raw / "notes"
     for folder in (imaging, ehr, notes):
         folder.mkdir(parents=True)
-    # real DICOM shipped with pydicom: patient 98890234 has an axial CT (kept), a localizer, an MR
+    # real DICOM shipped with pydicom: patient 98890234 has an axial CT (kept), a localizer, MR projections
     for name in ("CT5N", "CT2N"):
         shutil.copytree(DICOMDIR_TESTS / "98892001" / name, imaging / "98890234" / name)
     shutil.copytree(DICOMDIR_TESTS / "98892003" / "MR700", imaging / "98890234" / "MR700")
@@ -195,7 +195,8 @@ def test_real_pydicom_series_is_read_and_the_others_rejected(drop: Drop) -> None
     expected = np.stack([apply_rescale(d.pixel_array, d).T for d in datasets], axis=-1)
     np.testing.assert_array_equal(np.asarray(nib.load(drop.interim / row.image_path).dataobj), expected)
     assert drop.reasons(source="imaging/98890234/CT2N") == {"localizer"}
-    assert drop.reasons(source="imaging/98890234/MR700") == {"unsupported_modality"}
+    # MR is read (ingest.accepted_modalities), but MR700 holds projection images in seven orientations
+    assert drop.reasons(source="imaging/98890234/MR700") == {"mixed_orientation"}
     assert drop.reasons(source="imaging/77654033/CT2") == {"inconsistent_spacing"}
 
 

@@ -65,7 +65,8 @@ def test_manifest_keeps_the_accepted_modalities(pipeline: Pipeline, pseudonym_of
     manifest = pd.read_parquet(pipeline.interim / "manifest.parquet")
     labs = list(pipeline.params.ingest.lab_units)
     assert list(manifest.columns) == ["patient_id", "site", "label", "age", "sex", *labs, "note", "image_path",
-                                      "series_instance_uid", "has_image", "has_note", "has_labs", "mask_path"]
+                                      "series_instance_uid", "has_image", "has_note", "has_labs", "mask_path",
+                                      "image_modality", "lesion_contrast_hu"]
     assert manifest.patient_id.is_unique
     assert set(manifest.label) <= set(pipeline.params.cohort.classes)
     ledger = json.loads((pipeline.raw / "cohort.json").read_text())
@@ -77,6 +78,8 @@ def test_manifest_keeps_the_accepted_modalities(pipeline: Pipeline, pseudonym_of
     for _, item in manifest[manifest.has_image].iterrows():
         assert (pipeline.interim / item.image_path).is_file()
     assert (manifest.has_image | manifest.has_note | manifest.has_labs).all()
+    assert set(manifest.image_modality.dropna()) == {"CT"}
+    assert manifest.image_modality.isna().eq(~manifest.has_image).all()
     assert manifest.temperature.dropna().between(34, 42).all(), "°F values were converted to Cel"
     assert manifest.glucose.dropna().between(1, 20).all(), "mg/dL values were converted to mmol/L"
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from meddiff.data.brain import BRAIN_MASK_CHANNEL, IMAGE_CHANNELS
 from meddiff.data.dataset import SPLITS, load_processed
 from meddiff.data.preprocess import fit_tabular_scaler, tabular_frame
 from meddiff.data.splits import assert_stratified, stratified_split
@@ -24,7 +25,8 @@ def test_output_validates_against_the_contract(pipeline: Pipeline) -> None:
     arrays, meta = dataset.arrays, dataset.meta
     n = len(dataset)
     size = tuple(pipeline.params.preprocess.spatial_size)
-    assert arrays["image"].shape == (n, 1, *size) and arrays["image"].dtype == np.float16
+    assert arrays["image"].shape == (n, len(IMAGE_CHANNELS), *size) and arrays["image"].dtype == np.float16
+    assert meta["image_channels"] == list(IMAGE_CHANNELS)
     assert arrays["lesion_mask"].shape == (n, 1, *size) and arrays["lesion_mask"].dtype == np.uint8
     assert float(arrays["image"].min()) >= 0.0 and float(arrays["image"].max()) <= 1.0
     assert arrays["token_ids"].shape == (n, meta["max_note_tokens"]) and arrays["token_ids"].dtype == np.int32
@@ -41,6 +43,12 @@ def test_output_validates_against_the_contract(pipeline: Pipeline) -> None:
     assert (with_note[:, 0] == SPECIAL_TOKENS.index("[CLS]")).all()
     assert (arrays["token_ids"][~arrays["token_mask"]] == 0).all()
     assert arrays["lesion_mask"][arrays["has_lesion_mask"]].any()
+    # lesion masks on the image grid, inside its brain mask
+    assert not (arrays["lesion_mask"][:, 0].astype(bool) & (arrays["image"][:, BRAIN_MASK_CHANNEL] == 0)).any()
+    contrast = arrays["lesion_contrast_hu"]
+    assert contrast.dtype == np.float32 and contrast.shape == (n,)
+    healthy = arrays["label"] == meta["class_names"].index("healthy")
+    assert np.isnan(contrast[healthy]).all() and np.isfinite(contrast[~healthy & arrays["has_lesion_mask"]]).all()
     card = json.loads((pipeline.preprocess_report / "data_card.json").read_text())
     assert card["n_patients"] == n and (pipeline.preprocess_report / "data_card.md").is_file()
 
@@ -133,8 +141,8 @@ def test_second_run_hits_the_monai_cache(pipeline: Pipeline, tmp_path: Path, mon
             calls["n"] += 1
             return data
 
-    def counting(config, with_mask=True):  # same signature as image_transforms
-        return Compose([Count(), *original(config, with_mask=with_mask).transforms])
+    def counting(config, with_mask=True, modality="CT"):  # same signature as image_transforms
+        return Compose([Count(), *original(config, with_mask=with_mask, modality=modality).transforms])
 
     monkeypatch.setattr(preprocess, "image_transforms", counting)
     cache = tmp_path / "cache"

@@ -2,8 +2,8 @@ import csv
 import json
 from pathlib import Path
 
-from meddiff.evaluation.bootstrap import bootstrap_ci
 from meddiff.evaluation.evaluate import run_evaluate
+from meddiff.intervals import bootstrap_ci
 from meddiff.metrics import auc_macro
 from meddiff.model.inference import predict_proba
 from meddiff.model.multimodal import MedDiffModel
@@ -34,11 +34,19 @@ def test_evaluate_writes_metrics_and_sweep(trained_tiny, tmp_path) -> None:
     has_other = present[:, 1:].any(axis=1)
     assert absent_image["masked_fraction"] == round(float((present[:, 0] & has_other).sum() / present.sum()), 4)
     assert {"ece", "balanced_accuracy", "auc_per_class"} <= set(metrics["test"])
-    assert metrics["subgroup"]["n_subgroup"] + metrics["subgroup"]["n_rest"] == result.n_test
+    subgroup = metrics["subgroup"]
+    assert subgroup["n_subgroup"] + subgroup["n_rest"] + subgroup["n_unknown_site"] == result.n_test
     rows = read_csv(tmp_path / "evaluate" / "robustness.csv")
     random_rows = [r for r in rows if r["scenario"] == "random" and r["imputation"] == "False"]
     assert [float(r["masking_rate"]) for r in random_rows] == params.evaluate.masking_rates
-    assert {r["scenario"] for r in rows} == {"random", "absent_image", "absent_text", "absent_tabular"}
+    subsets = {"subset_image", "subset_text", "subset_tabular", "subset_image+text", "subset_image+tabular",
+               "subset_text+tabular", "subset_image+text+tabular"}
+    assert {r["scenario"] for r in rows} == {"random", "absent_image", "absent_text", "absent_tabular"} | subsets
+    everything = next(r for r in metrics["robustness"]
+                      if r["scenario"] == "subset_image+text+tabular" and not r["imputation"])
+    assert everything["auc_macro"] == auc["value"] and everything["masked_fraction"] == 0.0  # all shown
+    only_image = next(r for r in metrics["robustness"] if r["scenario"] == "subset_image" and not r["imputation"])
+    assert only_image["n_patients"] == int(present[:, 0].sum())  # scored: the patients who have an image
     assert {r["imputation"] for r in rows} == {"False", "True"}
     for row in random_rows:  # exact when feasible: everyone here has ≤ 3 modalities, so up to 2/3
         if float(row["masking_rate"]) <= 0.6:

@@ -1,7 +1,7 @@
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from meddiff.evaluation.bootstrap import bootstrap_ci
+from meddiff.intervals import bootstrap_ci
 from meddiff.metrics import (
     auc_macro,
     binary_auc,

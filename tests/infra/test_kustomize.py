@@ -180,7 +180,10 @@ def test_names_the_pipeline_relies_on() -> None:
     assert sa["metadata"]["namespace"] == binding["metadata"]["namespace"] == "kubeflow"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "meddiff-pipeline-runner",
                                     "namespace": "kubeflow"}]
-    assert not [d for d in docs if d["kind"] in {"ClusterRole", "ClusterRoleBinding"}], "RBAC must stay namespaced"
+    cluster_kinds = {"ClusterRole", "ClusterRoleBinding"}
+    cluster_rbac = {(d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] in cluster_kinds}
+    # namespaced, but for reading ClusterTrainingRuntimes (test_trainjob_rbac)
+    assert cluster_rbac == {(kind, TRAININGRUNTIME_READER) for kind in cluster_kinds}
     role = by_kind(docs, "Role")["meddiff-pipeline-runner"]
     secret_rules = [r for r in role["rules"] if "secrets" in r["resources"]]
     assert all(r.get("resourceNames") and r["verbs"] == ["get"] for r in secret_rules)
@@ -190,6 +193,44 @@ def test_names_the_pipeline_relies_on() -> None:
     assert args[args.index("--backend-store-uri") + 1].endswith("@mlflow-db:5432/mlflow")
     assert args[args.index("--workers") + 1] == "1"  # the dev patch hit the right argument
     assert services["mlflow"]["spec"]["type"] == "NodePort"
+
+
+TRAININGRUNTIME_READER = "meddiff-trainingruntime-reader"
+
+
+def _allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -> bool:
+    return any(
+        group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"] for rule in rules
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_trainjob_rbac(overlay: str) -> None:
+    """The runner may submit, follow and replace TrainJobs, read their pods' logs and events, and read the
+    ClusterTrainingRuntimes (read-only, that one resource, bound to the runner alone); nothing else
+    cluster-wide. The shared training volume exists in the runner's namespace under the params' name."""
+    from meddiff.config import PipelineConfig
+
+    docs = documents(overlay)
+    rules = by_kind(docs, "Role")["meddiff-pipeline-runner"]["rules"]
+    for verb in ("create", "get", "list", "watch", "delete"):
+        assert _allows(rules, "trainer.kubeflow.org", "trainjobs", verb), verb
+    assert _allows(rules, "trainer.kubeflow.org", "trainingruntimes", "get")
+    assert _allows(rules, "", "pods", "list") and _allows(rules, "", "pods/log", "get")
+    assert _allows(rules, "", "events", "list")
+    assert not _allows(rules, "trainer.kubeflow.org", "trainjobs", "update")  # nothing it does not use
+    reader = by_kind(docs, "ClusterRole")[TRAININGRUNTIME_READER]
+    assert reader["rules"] == [
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["clustertrainingruntimes"], "verbs": ["get", "list"]}
+    ]
+    binding = by_kind(docs, "ClusterRoleBinding")[TRAININGRUNTIME_READER]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": TRAININGRUNTIME_READER}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": PipelineConfig().service_account,
+                                    "namespace": "kubeflow"}]
+    claim = by_kind(docs, "PersistentVolumeClaim")[PipelineConfig().shared_volume]
+    assert claim["metadata"]["namespace"] == "kubeflow"
+    assert claim["spec"]["accessModes"] == (["ReadWriteOnce"] if overlay == "dev" else ["ReadWriteMany"])
 
 
 def test_gpu_overlay_targets_the_gpu_pool() -> None:

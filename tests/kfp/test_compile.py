@@ -24,6 +24,8 @@ from meddiff.tracking import git_commit
 REPO = Path(__file__).resolve().parents[2]
 PARAMS_FILE = REPO / "params.yaml"
 DOWNSTREAM_OF_TRAIN = ("evaluate", "generate", "explain")
+#: Component outputs that are no stage port: (stage, artifact) → KFP artifact type.
+EXTRA_OUTPUTS = {("evaluate", "metrics"): "system.Metrics", ("explain", "html"): "system.HTML"}
 #: Tasks that never cache: the registry gate reads the registry, not only its inputs.
 NEVER_CACHED = {"promote"}
 
@@ -101,14 +103,14 @@ def test_artifacts_wire_stage_outputs_to_inputs(compiled: tuple[dict[str, Any], 
 
 def test_component_artifacts_match_the_stage_table(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
     """Every port of a stage is a component artifact of the port's name and kind, inputs as inputs and
-    outputs as outputs, and nothing else (but the evaluate task's KFP metrics)."""
+    outputs as outputs, and nothing else (but the evaluate task's KFP metrics and the explain task's HTML page)."""
     spec, _ = compiled
     for stage in PIPELINE_STAGES:
         component = spec["components"][f"comp-{stage}"]
         inputs = component.get("inputDefinitions", {}).get("artifacts", {})
         outputs = {
             name: artifact for name, artifact in component.get("outputDefinitions", {}).get("artifacts", {}).items()
-            if name != "metrics"
+            if (stage, name) not in EXTRA_OUTPUTS
         }
         assert set(inputs) == {port.artifact for port in STAGES[stage].inputs}, stage
         assert set(outputs) == {port.artifact for port in STAGES[stage].outputs}, stage
@@ -122,6 +124,13 @@ def test_evaluate_logs_metrics_and_returns_result(compiled: tuple[dict[str, Any]
     outputs = compiled[0]["components"]["comp-evaluate"]["outputDefinitions"]
     assert outputs["artifacts"]["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
     assert outputs["parameters"]["Output"]["parameterType"] == "STRUCT"
+
+
+def test_explain_shows_its_report_as_html(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, _ = compiled
+    for (stage, name), schema in EXTRA_OUTPUTS.items():
+        artifacts = spec["components"][f"comp-{stage}"]["outputDefinitions"]["artifacts"]
+        assert artifacts[name]["artifactType"]["schemaTitle"] == schema, (stage, name)
 
 
 def test_train_requests_one_gpu(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:

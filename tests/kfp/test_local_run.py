@@ -15,6 +15,7 @@ in ``test_cohort_component`` and needs real types.
 
 import importlib.util
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from meddiff_pipelines.pipeline import build_pipeline, params_to_json
 
 from meddiff.cli import main
 from meddiff.config import Params, apply_overrides, load_params
+from meddiff.data.phi_scan import find_identifiers, raw_identifiers
 from meddiff.stage_table import PIPELINE_STAGES, STAGES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -238,3 +240,15 @@ def test_full_pipeline(tiny_params: Params, pipeline_root: Path) -> None:
 
     assert any((task_dir(pipeline_root, "generate") / "synthetic").rglob("*"))
     assert (task_dir(pipeline_root, "explain") / "report" / "index.html").is_file()
+
+    # Nothing identifying in any KFP artefact past ingest, nor in the MLflow store the tasks wrote.
+    # The cohort's raw artefact and ingest's quarantine hold raw records by design.
+    identifiers = raw_identifiers(task_dir(pipeline_root, "cohort") / "raw")
+    assert len(identifiers) > 20
+    run = task_dir(pipeline_root, "cohort").parent
+    mlflow_store = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+    leaks = find_identifiers(
+        [run, mlflow_store, tiny_params.tracking.artifact_location], identifiers,
+        skip=[task_dir(pipeline_root, "cohort"), task_dir(pipeline_root, "ingest") / "quarantine"],
+    )
+    assert not leaks, [f"{leak.path}: {leak.identifiers[:3]}" for leak in leaks]

@@ -4,26 +4,93 @@ import torch
 from meddiff.model.decoders import ImageDecoder
 from meddiff.model.encoders import ImageEncoder
 
+BRAIN = 4  # the brain-mask channel of a 5-channel input (data.brain.IMAGE_CHANNELS)
+
+
+def _image(batch: int, spatial: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
+    """(B, 5, *spatial) density channels in [0, 1] with a box-shaped brain mask in the last channel."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.rand(batch, 5, *spatial, generator=generator)
+    image[:, BRAIN] = 0.0
+    image[:, BRAIN, 2:-2, 2:-2, 2:-2] = 1.0
+    image[:, :BRAIN] *= image[:, BRAIN : BRAIN + 1]
+    return image
+
 
 @pytest.mark.parametrize("channels", [[4, 8], [4, 8, 8]])
-def test_region_grid_is_the_backbone_feature_map(channels: list[int]) -> None:
+def test_region_tokens_sit_on_the_half_grid(channels: list[int]) -> None:
     spatial = (16, 8, 12)
-    encoder = ImageEncoder(spatial, channels, d_model=8, dropout=0.0).eval()
-    features = encoder.backbone(torch.zeros(1, 1, *spatial))
-    assert tuple(features.shape[2:]) == encoder.grid
-    assert encoder.grid == tuple(side // encoder.downsampling for side in spatial)
-    encoded = encoder(torch.zeros(2, 1, *spatial))
-    assert encoded.tokens.shape == (2, encoder.grid[0] * encoder.grid[1] * encoder.grid[2], 8)
+    encoder = ImageEncoder(spatial, channels, d_model=8, dropout=0.0, in_channels=5, brain_channel=BRAIN).eval()
+    assert encoder.grid == (8, 4, 6), "tokens on the first pooled level, whatever the depth"
+    assert encoder.downsampling == 2 ** (len(channels) - 1)
+    encoded = encoder(_image(2, spatial))
+    assert encoded.tokens.shape == (2, 8 * 4 * 6, 8)
+    assert encoded.latent.shape == (2, 8)
+    # tokens of cells touching the brain are real, the others masked
+    brain_cells = torch.nn.functional.max_pool3d(_image(1, spatial)[:, BRAIN : BRAIN + 1], 2).flatten()
+    assert torch.equal(encoded.token_mask[0], brain_cells > 0)
 
 
-def test_sides_not_divisible_by_the_downsampling_are_refused() -> None:
+def test_a_voxel_outside_the_brain_cannot_change_the_latent_or_the_tokens() -> None:
+    spatial = (16, 16, 8)
+    encoder = ImageEncoder(spatial, [4, 8, 8], d_model=8, dropout=0.0, in_channels=5, brain_channel=BRAIN).eval()
+    image = _image(1, spatial)
+    changed = image.clone()
+    changed[0, :BRAIN, 0, 0, 0] = 1.0  # outside the brain: intensity channels only
+    changed[0, :BRAIN, 15, 1, 7] = 0.7
+    with torch.no_grad():
+        before, after = encoder(image), encoder(changed)
+    assert torch.equal(before.latent, after.latent)
+    assert torch.equal(before.tokens, after.tokens)
+    inside = image.clone()
+    inside[0, 1, 8, 8, 4] = 1.0  # a bright voxel inside the brain does change it
+    with torch.no_grad():
+        assert not torch.equal(encoder(inside).latent, before.latent)
+
+
+def test_the_latent_is_the_max_over_brain_cells_of_the_deepest_features() -> None:
+    spatial = (16, 16, 8)
+    torch.manual_seed(0)
+    encoder = ImageEncoder(spatial, [4, 8, 8], d_model=8, dropout=0.0, in_channels=5, brain_channel=BRAIN).eval()
+    image = _image(2, spatial, seed=1)
+    with torch.no_grad():
+        features = encoder.stem(image)
+        for level in encoder.levels:
+            features = level(torch.nn.functional.max_pool3d(features, 2))
+        brain = torch.nn.functional.max_pool3d(image[:, BRAIN : BRAIN + 1], 4) > 0  # (2, 1, 4, 4, 2)
+        inside = features.masked_select(brain).view(2, 8, -1)  # every brain cell of every channel
+        expected = encoder.to_latent(inside.amax(dim=-1))
+        torch.testing.assert_close(encoder(image).latent, expected)
+        # a max, not a mean over the brain (a few lesion voxels are not averaged away)
+        assert not torch.allclose(encoder.to_latent(inside.mean(dim=-1)), expected)
+
+
+def test_an_image_without_brain_gives_a_zero_pooled_latent_and_no_tokens() -> None:
+    spatial = (8, 8, 8)
+    encoder = ImageEncoder(spatial, [4, 8], d_model=8, dropout=0.0, in_channels=5, brain_channel=BRAIN).eval()
+    with torch.no_grad():
+        encoded = encoder(torch.zeros(1, 5, *spatial))
+    assert not encoded.token_mask.any()
+    torch.testing.assert_close(encoded.latent, encoder.to_latent.bias[None])
+
+
+def test_a_single_channel_input_without_brain_mask_uses_the_whole_volume() -> None:
+    encoder = ImageEncoder((8, 8, 8), [4, 8], d_model=8, dropout=0.0).eval()
+    encoded = encoder(torch.rand(2, 1, 8, 8, 8))
+    assert encoded.token_mask.all() and encoded.tokens.shape == (2, 64, 8)
+
+
+def test_bad_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="divisible by 4"):
-        ImageEncoder((16, 10, 12), [4, 8], d_model=8, dropout=0.0)
-    with pytest.raises(ValueError, match="divisible by 8"):
-        ImageDecoder(8, (16, 12, 16))
+        ImageEncoder((16, 10, 12), [4, 8, 8], d_model=8, dropout=0.0)
+    with pytest.raises(ValueError, match="at least two levels"):
+        ImageEncoder((16, 16, 16), [4], d_model=8, dropout=0.0)
+    with pytest.raises(ValueError, match="brain_channel"):
+        ImageEncoder((16, 16, 16), [4, 8], d_model=8, dropout=0.0, in_channels=2, brain_channel=2)
 
 
-def test_image_decoder_restores_the_input_shape() -> None:
-    decoder = ImageDecoder(8, (16, 8, 24))
+def test_image_decoder_restores_every_channel_at_any_size() -> None:
+    decoder = ImageDecoder(8, (36, 44, 24), out_channels=5)
     volume = decoder(torch.randn(3, 8))
-    assert volume.shape == (3, 1, 16, 8, 24)
+    assert volume.shape == (3, 5, 36, 44, 24)
+    assert float(volume.detach().min()) >= 0.0 and float(volume.detach().max()) <= 1.0

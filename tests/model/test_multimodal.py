@@ -26,9 +26,11 @@ def test_shapes(tiny_processed) -> None:
     out = model(model_inputs(batch), batch["modality_present"], output_attentions=True)
     assert out.logits.shape == (5, data.n_classes)
     assert out.z.shape == (5, 16)
-    n_tokens = 4 * 4 * 4 + 12 + data.n_tabular + 1  # + the null key
+    n_image = 8 * 8 * 8  # region tokens on the half grid (model.image_encoder.grid)
+    assert model.image_encoder.grid == (8, 8, 8)
+    n_tokens = n_image + 12 + data.n_tabular + 1  # + the null key
     assert out.attention.shape == (5, 2, 3, n_tokens)
-    assert out.token_slices["text"] == slice(64, 76)
+    assert out.token_slices["text"] == slice(n_image, n_image + 12)
     assert len(out.text_attentions) == 1
 
 

@@ -6,7 +6,8 @@ Layout written (see ``docs/data.md``)::
     masks/<patient>.nii.gz                                        lesion mask, RAS affine (NIfTI-1)
     ehr/Patient.ndjson, Observation.ndjson, Condition.ndjson      FHIR R4 bulk-data NDJSON
     notes/<patient>.txt                                           free-text ED note
-    cohort.json                                                   provenance and injected-fault ledger
+    cohort.json                                                   provenance, injected-fault ledger and
+                                                                  lesion ledger (kind, radius, contrast in HU)
 
 Patients are generated one by one from ``np.random.default_rng([seed, index])`` in worker processes
 and streamed to disk, so the cohort never sits in memory and the output does not depend on the
@@ -76,6 +77,25 @@ AGE_MODEL: dict[str, tuple[float, float]] = {
     "intracerebral_hemorrhage": (66.0, 12.0),
     "brain_abscess": (45.0, 17.0),
 }
+
+#: own random stream of the "atrophy age" that sizes the ventricles: a stream of its own keeps every other
+#: draw of the patient (age, labs, note, lesion, noise) bit-identical to a cohort without it
+ATROPHY_STREAM = 0xA7
+#: mean, sd (years) of the atrophy age, the same for every diagnosis. Ventricles used to widen with the
+#: patient's own age, and strokes are older, so ventricle size alone separated stroke from the rest
+#: (CSF-fraction AUC 0.77; a CNN learned that shortcut instead of the infarct). Drawn apart from the
+#: diagnosis, the ventricles vary as much as before but say nothing about the label (AUC 0.57, the rest
+#: being the infarcts' own dark voxels); age stays a legitimate signal of the EHR and the note.
+ATROPHY_AGE_MODEL: tuple[float, float] = (58.0, 18.0)
+#: the range atrophy ages are clipped to (years), as patients' ages are
+AGE_RANGE_YEARS: tuple[int, int] = (18, 95)
+
+
+def atrophy_age(seed: int, index: int) -> float:
+    """The age (years) whose atrophy sizes patient ``index``'s ventricles: diagnosis-independent, own stream."""
+    rng = np.random.default_rng([seed, index, ATROPHY_STREAM])
+    return float(np.clip(rng.normal(*ATROPHY_AGE_MODEL), *AGE_RANGE_YEARS))
+
 
 SCANNERS: dict[str, Scanner] = {
     MAIN_SITE: Scanner("Site A Teaching Hospital", "SYNTHETIC MEDICAL", "SynthCT 64",
@@ -151,6 +171,8 @@ class PatientOutput:
     condition_lines: list[str]
     n_dicom_files: int
     has_note: bool
+    #: the ledger entry of the masked lesion (kind, radius_mm, target_hu, contrast_hu); None without one
+    lesion: dict[str, float | str] | None = None
 
 
 @dataclass
@@ -221,7 +243,7 @@ def _generate_patient(task: tuple[PatientPlan, Params, Path]) -> PatientOutput:
     rng = np.random.default_rng([params.seed, plan.index])
     pid = plan.patient_id
     mean_age, sd_age = AGE_MODEL.get(plan.diagnosis, (55.0, 18.0))
-    age = int(np.clip(round(rng.normal(mean_age, sd_age)), 18, 95))
+    age = int(np.clip(round(rng.normal(mean_age, sd_age)), *AGE_RANGE_YEARS))
     sex = "male" if rng.random() < 0.5 else "female"
     study_day = datetime.date(2023, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 540)))
     birth_date = study_day - datetime.timedelta(days=int(age * 365.25 + rng.integers(1, 360)))
@@ -231,9 +253,10 @@ def _generate_patient(task: tuple[PatientPlan, Params, Path]) -> PatientOutput:
     effective = f"{study_day.isoformat()}T{study_time[:2]}:{study_time[2:4]}:00Z"
 
     identity = fake_identity(params.seed, plan.index)
-    n_files = 0
+    n_files, lesion = 0, None
     if plan.has_image:
-        n_files = _write_imaging(rng, plan, params, raw_dir, age, sex, study_day, study_time, birth_date, identity)
+        n_files, lesion = _write_imaging(rng, plan, params, raw_dir, sex, study_day, study_time, birth_date,
+                                         identity, age)
     else:  # keep the random stream aligned whether or not the image is written
         rng.random()
 
@@ -253,8 +276,8 @@ def _generate_patient(task: tuple[PatientPlan, Params, Path]) -> PatientOutput:
                 unit_override, missing, alternative = "mg%", False, False
             if missing:
                 continue
-            resource = observation_resource(
-                f"obs-{pid}-{lab}", pid, lab, value, effective, alternative_unit=alternative,
+            resource = observation_resource(  # FHIR ids are [A-Za-z0-9-.]{1,64}: no underscore
+                f"obs-{pid}-{lab.replace('_', '-')}", pid, lab, value, effective, alternative_unit=alternative,
                 unit_override=unit_override,
             )
             observation_lines.append(dumps(resource))
@@ -273,13 +296,15 @@ def _generate_patient(task: tuple[PatientPlan, Params, Path]) -> PatientOutput:
             note_path.write_bytes((text.strip() + " Temp 38.5°C.\n").encode("latin-1"))
         else:
             note_path.write_text(text, encoding="utf-8")
-    return PatientOutput(patient_lines, observation_lines, [dumps(condition)], n_files, plan.has_note)
+    return PatientOutput(patient_lines, observation_lines, [dumps(condition)], n_files, plan.has_note, lesion)
 
 
 def _write_imaging(
-    rng: np.random.Generator, plan: PatientPlan, params: Params, raw_dir: Path, age: int, sex: str,
-    study_day: datetime.date, study_time: str, birth_date: datetime.date, identity: FakeIdentity,
-) -> int:
+    rng: np.random.Generator, plan: PatientPlan, params: Params, raw_dir: Path, sex: str,
+    study_day: datetime.date, study_time: str, birth_date: datetime.date, identity: FakeIdentity, age: int,
+) -> tuple[int, dict[str, float | str] | None]:
+    """Write the CT series and the lesion mask; return the number of DICOM files and the masked lesion's
+    ledger entry (None for a healthy head: its mimics carry no mask)."""
     config = params.cohort
     minority = plan.site == MINORITY_SITE
     n_slices, rows, columns = config.volume_shape
@@ -289,8 +314,11 @@ def _write_imaging(
     spacing = (config.pixel_spacing_mm, config.pixel_spacing_mm, thickness)
     shape = (columns, rows, n_slices)
     points = voxel_centres(shape, spacing)
-    volume, brain, centre, semi_axes = head_volume(rng, points, age)
-    volume, mask, _ = add_lesion(rng, volume, points, brain, centre, semi_axes, plan.diagnosis)
+    volume, brain, centre, semi_axes = head_volume(rng, points, atrophy_age(params.seed, plan.index))
+    volume, mask, lesions = add_lesion(rng, volume, points, brain, centre, semi_axes, plan.diagnosis)
+    masked = [lesion for lesion in lesions if lesion.kind == plan.diagnosis]
+    ledger = ({"patient_id": plan.patient_id, "kind": masked[0].kind, "radius_mm": masked[0].radius_mm,
+               "target_hu": masked[0].target_hu, "contrast_hu": masked[0].contrast_hu} if masked else None)
     if minority:
         volume = volume * config.minority_intensity_scale + config.minority_intensity_offset_hu
     noise = config.minority_noise_hu if minority else config.noise_hu
@@ -331,7 +359,7 @@ def _write_imaging(
         (series_dir.parent / "export_log.txt").write_text(
             f"scanner export log for accession {info.accession_number}: 1 series sent\n"
         )
-    return len(paths)
+    return len(paths), ledger
 
 
 def _worker_count(config: CohortConfig, n_tasks: int) -> int:
@@ -346,6 +374,7 @@ def generate_cohort(params: Params, raw_dir: Path) -> CohortResult:
     plans = plan_cohort(config, params.seed)
     raw_dir = Path(raw_dir)
     n_files = n_observations = n_notes = 0
+    lesions: list[dict[str, float | str]] = []
     with atomic_dir(raw_dir) as staging:
         for sub in ("imaging", "masks", "ehr", "notes"):
             (staging / sub).mkdir()
@@ -373,6 +402,8 @@ def generate_cohort(params: Params, raw_dir: Path) -> CohortResult:
                     n_files += output.n_dicom_files
                     n_observations += len(output.observation_lines)
                     n_notes += int(output.has_note)
+                    if output.lesion is not None:
+                        lesions.append(output.lesion)
                     progress.update()
             finally:
                 progress.close()
@@ -395,6 +426,9 @@ def generate_cohort(params: Params, raw_dir: Path) -> CohortResult:
                  "expected_reason": FAULT_REASONS[fault][1]}
                 for pid, fault in faults.items()
             ],
+            # per patient with a lesion mask: its contrast to the surrounding brain (HU, before scanner
+            # effects); explanations are scored on the visible ones (issue 10: contrast >= 10 HU)
+            "lesions": lesions,
         })
     seconds = time.perf_counter() - started
     LOG.info("cohort: %d patients, %d DICOM files in %s (%.1f s)", len(plans), n_files, raw_dir, seconds)

@@ -31,14 +31,20 @@ ARRAY_SPEC: dict[str, tuple[str, str]] = {
     "label": ("int64", "(N,) index into meta['class_names']"),
     "split": ("str", "(N,) one of train/val/test"),
     "site": ("str", "(N,) acquisition site"),
-    "image": ("float16", "(N, 1, D, H, W) intensity in [0, 1], RAS orientation"),
-    "lesion_mask": ("uint8", "(N, 1, D, H, W) ground-truth lesion mask, 0 where none"),
+    "image": ("float16", "(N, C, D, H, W) channels in [0, 1] (meta['image_channels'], data.brain.IMAGE_CHANNELS), "
+              "RAS, cropped around the brain"),
+    "lesion_mask": ("uint8", "(N, 1, D, H, W) ground-truth lesion mask on the image's grid, 0 where none"),
     "has_lesion_mask": ("bool", "(N,) whether a ground-truth mask exists"),
     "token_ids": ("int32", "(N, L) note token ids, 0 = [PAD]"),
     "token_mask": ("bool", "(N, L) True for real tokens"),
     "tabular": ("float32", "(N, F) standardised with training-split statistics, imputed"),
     "tabular_missing": ("bool", "(N, F) True where the raw value was missing"),
     "modality_present": ("bool", "(N, 3) availability of image, text, tabular in the data"),
+}
+#: arrays a processed set may hold besides :data:`ARRAY_SPEC` (aligned on N when present)
+OPTIONAL_ARRAY_SPEC: dict[str, tuple[str, str]] = {
+    "lesion_contrast_hu": ("float32", "(N,) contrast of the masked lesion to the surrounding brain (HU, from the "
+                           "cohort's lesion ledger), NaN without a lesion or a ledger"),
 }
 
 
@@ -84,7 +90,7 @@ def validate_arrays(arrays: dict[str, np.ndarray]) -> None:
     if missing:
         raise ValueError(f"processed arrays are missing {missing}")
     n = len(arrays["label"])
-    for name in ARRAY_SPEC:
+    for name in [*ARRAY_SPEC, *(k for k in OPTIONAL_ARRAY_SPEC if k in arrays)]:
         if len(arrays[name]) != n:
             raise ValueError(f"array {name!r} has {len(arrays[name])} rows, expected {n}")
     if arrays["modality_present"].shape[1:] != (len(MODALITIES),):

@@ -25,12 +25,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import hmac
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,24 +119,66 @@ def cap_age(age: float | None, max_age: int) -> float | None:
 
 # ------------------------------------------------------------------------------------------ DICOM
 
-#: PS3.15 Table E.1-1 attributes removed (action X) -- those that occur in CT/MR/NM headers
-REMOVE_KEYWORDS: frozenset[str] = frozenset({
-    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "InstitutionCodeSequence",
-    "StationName", "DeviceSerialNumber", "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames",
-    "PatientBirthName", "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers",
-    "PatientAge", "PatientSize", "PatientWeight", "MilitaryRank", "BranchOfService", "EthnicGroup",
-    "Occupation", "AdditionalPatientHistory", "PatientComments", "MedicalRecordLocator",
-    "IssuerOfPatientID", "PatientInsurancePlanCodeSequence", "ReferringPhysicianAddress",
-    "ReferringPhysicianTelephoneNumbers", "ReferringPhysicianIdentificationSequence",
-    "PhysiciansOfRecordIdentificationSequence", "PerformingPhysicianIdentificationSequence",
-    "StudyDescription", "SeriesDescription", "ImageComments", "RequestAttributesSequence",
-    "PerformedProcedureStepDescription", "PerformedProcedureStepID", "ScheduledProcedureStepDescription",
-    "AdmittingDiagnosesDescription", "AdmissionID", "DerivationDescription", "FrameComments",
-    "ProtocolName", "ReasonForStudy", "RequestedProcedureDescription", "CountryOfResidence",
-    "RegionOfResidence", "CurrentPatientLocation", "PatientInstitutionResidence", "PatientState",
-    "ResponsibleOrganization", "StudyComments", "InterpretationText", "TextComments", "OperatorsName",
-    "IdentifyingComments", "ContentCreatorName", "PatientBirthTime",
-})
+#: PS3.15 Table E.1-1 attributes removed (action X, or X/Z/D where removing is allowed), sequences included:
+#: the nested ones that keep earlier values of identifying attributes (Original Attributes, Modified
+#: Attributes), name persons (operators, performers, observers) or hold free text (Content Sequence)
+REMOVE_KEYWORDS: frozenset[str] = frozenset("""
+    AcquisitionComments AcquisitionContextSequence AcquisitionDeviceProcessingDescription ActualHumanPerformersSequence
+    AdditionalPatientHistory AdmissionID AdmittingDate AdmittingDiagnosesCodeSequence AdmittingDiagnosesDescription
+    AdmittingTime Allergies AuthorObserverSequence BranchOfService CassetteID CommentsOnThePerformedProcedureStep
+    ConfidentialityConstraintOnPatientDataDescription ConsultingPhysicianIdentificationSequence
+    ContentCreatorIdentificationCodeSequence ContentCreatorName ContentSequence ContributingEquipmentSequence
+    CountryOfResidence CurrentPatientLocation CustodialOrganizationSequence DataSetTrailingPadding DerivationDescription
+    DetectorID DeviceSerialNumber DigitalSignaturesSequence DischargeDiagnosisCodeSequence DischargeDiagnosisDescription
+    EncryptedAttributesSequence EthnicGroup FillerOrderNumberImagingServiceRequest FillerOrderNumberProcedure
+    FrameComments GantryID HumanPerformerName HumanPerformerOrganization IconImageSequence IdentifyingComments
+    ImageComments ImagePresentationComments InstitutionAddress InstitutionCodeSequence InstitutionName
+    InstitutionalDepartmentName InstitutionalDepartmentTypeCodeSequence InsurancePlanIdentification
+    IntendedRecipientsOfResultsIdentificationSequence InterpretationApproverSequence InterpretationAuthor
+    InterpretationDiagnosisDescription InterpretationRecorder InterpretationText InterpretationTranscriber
+    IssuerOfAdmissionID IssuerOfAdmissionIDSequence IssuerOfPatientID IssuerOfPatientIDQualifiersSequence
+    IssuerOfServiceEpisodeID MACParametersSequence MedicalAlerts MedicalRecordLocator MilitaryRank
+    ModifiedAttributesSequence ModifyingDeviceID ModifyingDeviceManufacturer NameOfPhysiciansReadingStudy
+    NamesOfIntendedRecipientsOfResults Occupation OperatorIdentificationSequence OperatorsName OrderCallbackPhoneNumber
+    OrderCallbackTelecomInformation OrderEnteredBy OrderEntererLocation OriginalAttributesSequence OtherPatientIDs
+    OtherPatientIDsSequence OtherPatientNames ParticipantSequence PatientAddress PatientAge PatientBirthName
+    PatientBirthTime PatientComments PatientInstitutionResidence PatientInsurancePlanCodeSequence PatientMotherBirthName
+    PatientPrimaryLanguageCodeSequence PatientPrimaryLanguageModifierCodeSequence PatientReligiousPreference
+    PatientSexNeutered PatientSize PatientState PatientTelecomInformation PatientTelephoneNumbers
+    PatientTransportArrangements PatientWeight PerformedLocation PerformedProcedureStepDescription
+    PerformedProcedureStepID PerformedStationAETitle PerformedStationGeographicLocationCodeSequence PerformedStationName
+    PerformedStationNameCodeSequence PerformingPhysicianIdentificationSequence PerformingPhysicianName PersonAddress
+    PersonIdentificationCodeSequence PersonName PersonTelecomInformation PersonTelephoneNumbers
+    PhysicianApprovingInterpretation PhysiciansOfRecord PhysiciansOfRecordIdentificationSequence
+    PhysiciansReadingStudyIdentificationSequence PlacerOrderNumberImagingServiceRequest PlacerOrderNumberProcedure
+    PlateID PreMedication PregnancyStatus ProtocolName ReasonForStudy ReasonForTheImagingServiceRequest
+    ReferencedDigitalSignatureSequence ReferencedPatientAliasSequence ReferencedPatientPhotoSequence
+    ReferencedPatientSequence ReferencedSOPInstanceMACSequence ReferringPhysicianAddress
+    ReferringPhysicianIdentificationSequence ReferringPhysicianTelephoneNumbers RegionOfResidence
+    RequestAttributesSequence RequestedContrastAgent RequestedProcedureComments RequestedProcedureDescription
+    RequestedProcedureID RequestedProcedureLocation RequestingPhysician RequestingService RequestingServiceCodeSequence
+    ResponsibleOrganization ResponsiblePerson ResultsComments ResultsDistributionListSequence ResultsIDIssuer
+    ReviewerName ScheduledHumanPerformersSequence ScheduledPatientInstitutionResidence
+    ScheduledPerformingPhysicianIdentificationSequence ScheduledPerformingPhysicianName
+    ScheduledProcedureStepDescription ScheduledProcedureStepLocation ScheduledStationAETitle
+    ScheduledStationGeographicLocationCodeSequence ScheduledStationName ScheduledStationNameCodeSequence
+    SeriesDescription ServiceEpisodeDescription ServiceEpisodeID SmokingStatus SourceApplicationEntityTitle SpecialNeeds
+    StationName StudyComments StudyDescription TextComments TextString TopicAuthor TopicKeywords TopicSubject TopicTitle
+    VerifyingObserverIdentificationCodeSequence VerifyingObserverName VerifyingObserverSequence VerifyingOrganization
+    VisitComments
+""".split())  # noqa: SIM905 - a keyword table reads better as words
+#: identifying attributes replaced at the top level only; a nested copy (an earlier value) is removed
+TOP_LEVEL_ONLY_KEYWORDS: frozenset[str] = frozenset({"PatientID", "PatientName"})
+#: value representations that hold free text, where a name may have been typed (PS3.5 6.2)
+TEXT_VRS: frozenset[str] = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
+#: character sets tried on a person name's bytes, besides the declared one: what exporters write without
+#: declaring it (UTF-8 first, as it is self-validating), then common single- and double-byte sets
+NAME_ENCODINGS: tuple[str, ...] = ("utf-8", "latin-1", "cp1252", "cp1251", "iso8859-2", "iso8859-7", "gbk",
+                                   "shift_jis", "euc_kr")
+#: shortest name or id searched in the text elements a profiled header keeps (shorter ones match by chance)
+MIN_IDENTIFIER_CHARS = 4
+#: shortest word of a name scrubbed on its own (shorter ones only as part of the whole name)
+MIN_NAME_WORD_CHARS = 3
 #: Table E.1-1 attributes replaced by a zero-length value (action Z) -- type 2 in most IODs
 EMPTY_KEYWORDS: frozenset[str] = frozenset({
     "AccessionNumber", "StudyID", "PatientBirthDate", "PatientSex", "ReferringPhysicianName",
@@ -160,17 +204,18 @@ def _registered_uid(value: str) -> bool:
     return UID(value).name != value  # known to pydicom's UID dictionary: a SOP class, transfer syntax...
 
 
-def _deidentify_elements(dataset: Any, pseudo: Pseudonymizer, patient_id: str, shift: int) -> None:
+def _deidentify_elements(dataset: Any, pseudo: Pseudonymizer, patient_id: str, shift: int, depth: int = 0) -> None:
     for element in list(dataset):
         keyword = element.keyword
-        if element.tag.group in range(0x5000, 0x5100, 2) or keyword in REMOVE_KEYWORDS:
-            del dataset[element.tag]  # curves (50xx) and Table E.1-1 "X"
+        if (element.tag.group in range(0x5000, 0x5100, 2) or keyword in REMOVE_KEYWORDS
+                or (depth > 0 and keyword in TOP_LEVEL_ONLY_KEYWORDS)):
+            del dataset[element.tag]  # curves (50xx), Table E.1-1 "X", earlier copies of the patient's identity
             continue
         if keyword in EMPTY_KEYWORDS:
             element.value = ""
         elif element.VR == "SQ":
             for item in element.value:
-                _deidentify_elements(item, pseudo, patient_id, shift)
+                _deidentify_elements(item, pseudo, patient_id, shift, depth + 1)
         elif element.VR == "PN":
             element.value = ""
         elif element.VR == "UI" and keyword not in _KEEP_UID_KEYWORDS and element.value:
@@ -187,10 +232,85 @@ def _deidentify_elements(dataset: Any, pseudo: Pseudonymizer, patient_id: str, s
             element.value = ""
 
 
-def deidentify_dataset(dataset: Any, pseudo: Pseudonymizer, patient_id: str) -> Any:
+def _decodings(raw: bytes) -> list[str]:
+    """Every reading of ``raw`` in :data:`NAME_ENCODINGS` that decodes without error."""
+    out = []
+    for encoding in NAME_ENCODINGS:
+        try:
+            out.append(raw.decode(encoding))
+        except UnicodeDecodeError:
+            continue
+    return out
+
+
+def _name_words(text: str) -> list[str]:
+    """A person name's parts (PS3.5 6.2.1: ``^`` between components, ``=`` between representations) and
+    the words of each part long enough to scrub alone."""
+    parts = [p.strip() for p in re.split(r"[\^=]", unicodedata.normalize("NFC", text)) if p.strip()]
+    words = [w for p in parts for w in p.split() if len(w) >= MIN_NAME_WORD_CHARS and w != p]
+    full = " ".join(parts)
+    return list(dict.fromkeys([*parts, *words, *([full] if len(parts) > 1 else [])]))
+
+
+def person_names(dataset: Any) -> tuple[str, ...]:
+    """Every person name in a DICOM header (VR PN, nested sequences included), in every plausible reading.
+
+    Names are often stored in a character set other than the declared (0008,0005) -- UTF-8 bytes with no
+    declaration read as Latin-1 are garbage -- so the raw bytes are decoded in the declared set and in
+    :data:`NAME_ENCODINGS` alike; each reading's components and words are returned (for the note scrubber).
+    """
+    names: list[str] = []
+    for tag in list(dataset.keys()):
+        element = dataset.get_item(tag)
+        if element is None:
+            continue
+        vr = element.VR
+        if vr is None:
+            from pydicom.datadict import dictionary_VR
+
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                continue
+        if vr == "SQ":
+            for item in dataset[tag].value or []:
+                names.extend(person_names(item))
+            continue
+        if vr != "PN":
+            continue
+        raw = element.value if isinstance(element.value, bytes) else None
+        readings = _decodings(raw) if raw else []
+        with contextlib.suppress(UnicodeError, ValueError, LookupError):  # the raw readings above stand in
+            readings.append(str(dataset[tag].value or ""))
+        for reading in readings:
+            names.extend(_name_words(reading))
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
+def _remaining_text_with(dataset: Any, needles: list[re.Pattern[str]], depth: int = 0) -> list[Any]:
+    """Text elements (nested included, as ``(dataset, tag)``) whose value contains one of ``needles``; the
+    top-level PatientID and PatientName are left out (they are replaced by the pseudonym in place)."""
+    found = []
+    for element in list(dataset):
+        if depth == 0 and element.keyword in TOP_LEVEL_ONLY_KEYWORDS:
+            continue
+        if element.VR == "SQ":
+            for item in element.value:
+                found.extend(_remaining_text_with(item, needles, depth + 1))
+        elif element.VR in TEXT_VRS and element.value:
+            text = str(element.value)
+            if any(n.search(text) for n in needles):
+                found.append((dataset, element.tag))
+    return found
+
+
+def deidentify_dataset(dataset: Any, pseudo: Pseudonymizer, patient_id: str, names: Iterable[str] = ()) -> Any:
     """Apply the Basic Application Level Confidentiality Profile (PS3.15 E.1.1) to ``dataset`` in place.
 
-    ``patient_id`` is the original PatientID (the pseudonym and date shift are derived from it).
+    ``patient_id`` is the original PatientID (the pseudonym and date shift are derived from it). ``names``
+    (e.g. :func:`person_names` of the original header) are then searched in every remaining text element,
+    nested ones included, and an element that still holds one is removed (a name typed into a free-text
+    attribute the profile keeps).
     """
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
@@ -198,6 +318,10 @@ def deidentify_dataset(dataset: Any, pseudo: Pseudonymizer, patient_id: str) -> 
     dataset.remove_private_tags()
     shift = pseudo.date_shift_days(patient_id)
     _deidentify_elements(dataset, pseudo, patient_id, shift)
+    pattern = _literal([n for n in (*names, patient_id) if len(n) >= MIN_IDENTIFIER_CHARS])
+    if pattern is not None:
+        for holder, tag in _remaining_text_with(dataset, [pattern]):
+            del holder[tag]
     file_meta = getattr(dataset, "file_meta", None)
     if file_meta is not None and "MediaStorageSOPInstanceUID" in file_meta:
         file_meta.MediaStorageSOPInstanceUID = pseudo.uid(str(file_meta.MediaStorageSOPInstanceUID))
@@ -242,27 +366,59 @@ class PatientIdentifiers:
         )
 
 
+def _strings(value: Any) -> list[str]:
+    """The non-empty strings of a FHIR value that may be a string or a list of them (DSTU2 vs R4 shapes)."""
+    items = value if isinstance(value, list) else [value]
+    return [v.strip() for v in items if isinstance(v, str) and v.strip()]
+
+
+def human_name_parts(name: Any) -> list[str]:
+    """Every part of a FHIR HumanName in any shape servers write: R4 (``family`` a string, ``given`` a
+    list), DSTU2 (``family`` a list, ``given`` a string), ``text`` or a bare string, with the words of
+    multi-word parts, so "Mary Ann" scrubs "Mary" as well. Titles (``prefix``, "Dr") are left to the
+    patterns, which name the person after them."""
+    if isinstance(name, str):
+        parts = _strings(name)
+    elif isinstance(name, dict):
+        parts = [p for key in ("text", "family", "given") for p in _strings(name.get(key))]
+    else:
+        return []
+    words = [w for p in parts for w in p.split() if len(w) >= MIN_NAME_WORD_CHARS and w != p]
+    return list(dict.fromkeys(unicodedata.normalize("NFC", p) for p in (*parts, *words)))
+
+
+def _names(value: Any) -> list[str]:
+    """Names of a ``name`` element: a list of HumanName, or one HumanName / string where a list belongs."""
+    return [part for name in (value if isinstance(value, list) else [value]) for part in human_name_parts(name)]
+
+
+def _address_parts(value: Any) -> list[str]:
+    out: list[str] = []
+    for entry in value if isinstance(value, list) else [value]:
+        if isinstance(entry, dict):
+            for key in ("line", "city", "district", "postalCode", "text"):
+                out.extend(_strings(entry.get(key)))
+    return out
+
+
+def _telecom(value: Any) -> list[str]:
+    return [str(t.get("value")) for t in (value if isinstance(value, list) else [value])
+            if isinstance(t, dict) and t.get("value")]
+
+
 def identifiers_from_patient(resource: dict[str, Any]) -> PatientIdentifiers:
-    """Names, identifiers, address parts, phones and birth date of a FHIR R4 Patient."""
-    names: list[str] = []
-    for name in resource.get("name") or []:
-        if not isinstance(name, dict):
-            continue
-        for part in [*(name.get("given") or []), name.get("family"), name.get("text")]:
-            if isinstance(part, str) and part.strip():
-                names.append(part.strip())
-    address: list[str] = []
-    for entry in resource.get("address") or []:
-        if not isinstance(entry, dict):
-            continue
-        for part in [*(entry.get("line") or []), entry.get("city"), entry.get("postalCode"), entry.get("text")]:
-            if isinstance(part, str) and part.strip():
-                address.append(part.strip())
-    identifiers = [str(i.get("value")) for i in resource.get("identifier") or []
-                   if isinstance(i, dict) and i.get("value")]
-    phones = [str(t.get("value")) for t in resource.get("telecom") or [] if isinstance(t, dict) and t.get("value")]
-    return PatientIdentifiers(str(resource.get("id", "")), tuple(names), tuple(identifiers), tuple(address),
-                              tuple(phones), resource.get("birthDate"))
+    """Names, identifiers, address parts, phones and birth date of a FHIR Patient (R4 or older shapes),
+    its contacts' (next of kin) names, addresses and phones included."""
+    contacts = [c for c in (resource.get("contact") or []) if isinstance(c, dict)] \
+        if isinstance(resource.get("contact"), list) else []
+    names = _names(resource.get("name")) + [n for c in contacts for n in _names(c.get("name"))]
+    address = _address_parts(resource.get("address")) + [a for c in contacts for a in _address_parts(c.get("address"))]
+    identifiers = [str(i.get("value")) for i in (resource.get("identifier") or [])
+                   if isinstance(i, dict) and i.get("value")] if isinstance(resource.get("identifier"), list) else []
+    phones = _telecom(resource.get("telecom")) + [t for c in contacts for t in _telecom(c.get("telecom"))]
+    birth_date = resource.get("birthDate") if isinstance(resource.get("birthDate"), str) else None
+    return PatientIdentifiers(str(resource.get("id", "")), tuple(dict.fromkeys(names)), tuple(identifiers),
+                              tuple(dict.fromkeys(address)), tuple(dict.fromkeys(phones)), birth_date)
 
 
 _MONTHS = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|jun(?:e)?|jul(?:y)?|aug(?:ust)?|"
@@ -291,8 +447,11 @@ def _literal(values: Iterable[str], min_chars: int = 2) -> re.Pattern[str] | Non
 
 
 def deidentify_text(text: str, who: PatientIdentifiers | None = None) -> str:
-    """Scrub a free-text note: e-mail addresses, the patient's known identifiers, then generic patterns."""
-    text = _EMAIL.sub("[EMAIL]", text)
+    """Scrub a free-text note: e-mail addresses, the patient's known identifiers, then generic patterns.
+
+    Text and names are compared in Unicode NFC, so a name typed with combining accents is still found.
+    """
+    text = _EMAIL.sub("[EMAIL]", unicodedata.normalize("NFC", text))
     if who is not None:
         for values, tag in ((who.phones, "[PHONE]"), (who.address, "[ADDRESS]"),
                             ((who.patient_id, *who.identifiers), "[ID]"), (who.names, "[NAME]")):

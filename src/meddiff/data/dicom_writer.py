@@ -9,11 +9,14 @@ Endian files with a File Meta Information header (PS3.10). Stored values are
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -129,11 +132,17 @@ def write_ct_series(
     first_position_lps: tuple[float, float, float],
     info: StudyInfo,
     scanner: Scanner,
+    attributes: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write ``volume_hu`` (indexed ``[column, row, slice]``, axial, slices ascending in z).
 
     Files are named ``<InstanceNumber>.dcm``; slice ``k`` sits at ImagePositionPatient
-    ``first_position_lps + k · SliceThickness · (0, 0, 1)`` (contiguous slices).
+    ``first_position_lps + k · SliceThickness · (0, 0, 1)`` (contiguous slices). ``attributes``
+    (DICOM keyword → value) are set on every instance after the defaults, replacing them (e.g.
+    ``ImageType`` ``DERIVED\\SECONDARY\\AXIAL`` for a derived series).
+
+    Raises:
+        ValueError: a key of ``attributes`` is not a DICOM keyword.
     """
     series_dir.mkdir(parents=True, exist_ok=True)
     columns, rows, n_slices = volume_hu.shape
@@ -142,6 +151,10 @@ def write_ct_series(
     template.PixelSpacing = [f"{pixel_spacing_mm:g}", f"{pixel_spacing_mm:g}"]
     template.SliceThickness = f"{slice_thickness_mm:g}"
     template.SpacingBetweenSlices = f"{slice_thickness_mm:g}"
+    for keyword, value in (attributes or {}).items():
+        if tag_for_keyword(keyword) is None:
+            raise ValueError(f"attributes: {keyword!r} is not a DICOM keyword (PS3.6)")
+        setattr(template, keyword, value)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.TransferSyntaxUID = ExplicitVRLittleEndian

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meddiff.data.fhir import harmonise, icd10_class
+from meddiff.data.fhir import UNIT_ALIASES, harmonise, icd10_class, icd10_dotted
 
 #: file name -> record kind
 MIMIC_TABLES: dict[str, str] = {"patients.csv": "patient", "labevents.csv": "observation",
@@ -32,10 +32,6 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "labevents.csv": ("subject_id", "itemid", "valuenum", "valueuom"),
     "diagnoses_icd.csv": ("subject_id", "icd_code", "icd_version"),
 }
-#: MIMIC-IV ``valueuom`` -> UCUM
-UNIT_ALIASES: dict[str, str] = {"K/uL": "10*3/uL", "k/uL": "10*3/uL", "x10E3/uL": "10*3/uL", "#/uL": "/uL",
-                                "mg/dL": "mg/dL", "mg/L": "mg/L", "mmol/L": "mmol/L", "mm Hg": "mm[Hg]",
-                                "mmHg": "mm[Hg]", "°C": "Cel", "°F": "[degF]"}
 DIMENSIONLESS: frozenset[str] = frozenset({"{INR}", "1", "{ratio}"})
 SEX: dict[str, str] = {"M": "male", "F": "female"}
 
@@ -105,12 +101,6 @@ def lab_row(row: dict[str, str], lab_by_itemid: dict[int, str], lab_units: dict[
                               f"{row.get('charttime', '')}",
             "patient_id": row.get("subject_id", "").strip() or None, "loinc": f"itemid:{itemid}", "lab": lab,
             "raw_value": raw_value, "unit": raw_unit or None, "value": value}
-
-
-def icd10_dotted(code: str) -> str:
-    """MIMIC stores ICD-10-CM codes without the dot: ``I639`` -> ``I63.9``."""
-    code = code.strip().upper()
-    return f"{code[:3]}.{code[3:]}" if len(code) > 3 and "." not in code else code
 
 
 def condition_row(row: dict[str, str], icd10_to_class: dict[str, str]) -> dict[str, Any]:

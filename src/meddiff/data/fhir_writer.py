@@ -1,4 +1,4 @@
-"""FHIR R4 resources (Patient, Observation, Condition) for the synthetic cohort, one JSON per line.
+"""FHIR R4 resources (Patient, Observation, Condition, DocumentReference) for synthetic data, one JSON per line.
 
 Observations carry a LOINC code (``http://loinc.org``) and a UCUM quantity
 (``http://unitsofmeasure.org``), as FHIR R4 ``Observation.valueQuantity`` prescribes; Conditions an
@@ -7,6 +7,7 @@ ICD-10 code (``http://hl7.org/fhir/sid/icd-10``). See https://hl7.org/fhir/R4/.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -164,4 +165,23 @@ def condition_resource(condition_id: str, patient_id: str, icd10: str, display: 
         "code": {"coding": [{"system": ICD10_SYSTEM, "code": icd10, "display": display}]},
         "subject": {"reference": f"Patient/{patient_id}"},
         "onsetDateTime": onset,
+    }
+
+
+#: LOINC document type of a note (https://loinc.org/11506-3/ "Progress note")
+NOTE_LOINC = ("11506-3", "Progress note")
+
+
+def document_reference_resource(document_id: str, patient_id: str, text: str, date: str) -> dict[str, Any]:
+    """FHIR R4 DocumentReference holding ``text`` as an inline base64 ``text/plain; charset=utf-8``
+    attachment (https://hl7.org/fhir/R4/documentreference.html); ``date`` is a FHIR instant."""
+    return {
+        "resourceType": "DocumentReference",
+        "id": document_id,
+        "status": "current",
+        "type": {"coding": [{"system": LOINC_SYSTEM, "code": NOTE_LOINC[0], "display": NOTE_LOINC[1]}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "date": date,
+        "content": [{"attachment": {"contentType": "text/plain; charset=utf-8",
+                                    "data": base64.b64encode(text.encode("utf-8")).decode("ascii")}}],
     }

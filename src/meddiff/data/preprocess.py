@@ -1,7 +1,10 @@
 """``meddiff preprocess``: interim manifest + NIfTI -> the processed-data contract (:mod:`.dataset`).
 
 1. patient-level stratified splits (label × site, :mod:`.splits`);
-2. images through MONAI dictionary transforms (:mod:`.transforms`), cached by a MONAI
+2. images through MONAI dictionary transforms (:mod:`.transforms`; CT skull-stripped, calibrated and
+   split into density channels (:mod:`.brain`), MR by per-scan body percentiles, after the manifest's
+   ``image_modality``), cropped around the brain, (N, C, D, H, W) with C = ``len(IMAGE_CHANNELS)``;
+   the lesion mask resampled and cropped the same way, cached by a MONAI
    ``PersistentDataset`` in ``preprocess.cache_dir`` keyed by the files' content and the transform
    parameters (a later run loads instead of recomputing); no image → zeros, absent flag;
 3. note tokenizer fitted on the training split's notes only (:mod:`.tokenizer`), or a pretrained one
@@ -29,11 +32,13 @@ from tqdm import tqdm
 
 from meddiff import MODALITIES
 from meddiff.config import Params
+from meddiff.data.brain import IMAGE_CHANNELS
 from meddiff.data.dataset import SPLITS, TOKENIZER_FILE, save_processed
 from meddiff.data.ingest import MANIFEST_FILE
+from meddiff.data.ingest.manifest import LESION_CONTRAST
 from meddiff.data.splits import assert_stratified, stratified_split
 from meddiff.data.tokenizer import SPECIAL_TOKENS, encode_notes, load_pretrained_tokenizer, train_note_tokenizer
-from meddiff.data.transforms import IMAGE_KEY, MASK_KEY, image_transforms
+from meddiff.data.transforms import CT, IMAGE_KEY, MASK_KEY, image_transforms
 from meddiff.io import atomic_dir, atomic_file, write_json
 
 LOG = logging.getLogger(__name__)
@@ -111,15 +116,25 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _transform_digest(params: Params, with_mask: bool) -> str:
-    """What the cached output depends on besides the input files: transform params and MONAI version."""
+def _transform_digest(params: Params, with_mask: bool, modality: str = CT) -> str:
+    """What the cached output depends on besides the input files: transform params, modality, MONAI version."""
     import monai
 
-    config = params.preprocess
-    payload = {"spatial_size": list(config.spatial_size), "pixdim_mm": list(config.pixdim_mm),
-               "hu_window": list(config.hu_window), "with_mask": with_mask, "monai": monai.__version__,
-               "transforms": 2}
+    payload: dict[str, Any] = {**_image_params(params), "with_mask": with_mask, "modality": modality,
+                               "monai": monai.__version__, "transforms": 3}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+#: the preprocess params the image arrays depend on (cache key and ``meta.json``)
+IMAGE_PARAMS: tuple[str, ...] = (
+    "spatial_size", "pixdim_mm", "hu_window", "skull_hu", "reference_brain_hu", "hyperdense_ramp_hu",
+    "hyperdense_sigma_voxels", "hypodense_ramp_hu", "hypodense_floor_hu", "csf_ramp_hu", "density_sigma_voxels",
+)
+
+
+def _image_params(params: Params) -> dict[str, Any]:
+    dumped = params.preprocess.model_dump(mode="json")
+    return {name: dumped[name] for name in IMAGE_PARAMS}
 
 
 def _cache_hash(item: dict[str, Any]) -> bytes:
@@ -129,30 +144,32 @@ def _cache_hash(item: dict[str, Any]) -> bytes:
 def _images(manifest: pd.DataFrame, interim_dir: Path, params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     config = params.preprocess
     n = len(manifest)
-    shape = (n, 1, *config.spatial_size)
-    images = np.zeros(shape, dtype=np.float16)
-    masks = np.zeros(shape, dtype=np.uint8)
+    images = np.zeros((n, len(IMAGE_CHANNELS), *config.spatial_size), dtype=np.float16)
+    masks = np.zeros((n, 1, *config.spatial_size), dtype=np.uint8)
     has_mask = np.zeros(n, dtype=bool)
-    groups: dict[bool, tuple[list[int], list[dict[str, Any]]]] = {True: ([], []), False: ([], [])}
-    for i, (image_path, mask_path) in enumerate(manifest[["image_path", "mask_path"]].itertuples(index=False)):
+    modalities = (manifest["image_modality"] if "image_modality" in manifest.columns
+                  else pd.Series([CT] * n, index=manifest.index))
+    groups: dict[tuple[bool, str], tuple[list[int], list[dict[str, Any]]]] = {}
+    rows_of = manifest[["image_path", "mask_path"]].assign(modality=modalities.to_numpy())
+    for i, (image_path, mask_path, modality) in enumerate(rows_of.itertuples(index=False)):
         if not isinstance(image_path, str):
             continue
         with_mask = isinstance(mask_path, str)
+        modality = modality if isinstance(modality, str) and modality else CT
         item = {IMAGE_KEY: str(interim_dir / image_path)}
         if with_mask:
             item[MASK_KEY] = str(interim_dir / mask_path)
         if config.cache_dir is not None:  # content, not path: interim files are rewritten by every ingest
             parts = [_file_digest(Path(item[k])) for k in (IMAGE_KEY, MASK_KEY) if k in item]
-            item[CACHE_KEY] = hashlib.sha256("|".join([*parts, _transform_digest(params, with_mask)]).encode()
-                                             ).hexdigest()
-        groups[with_mask][0].append(i)
-        groups[with_mask][1].append(item)
+            item[CACHE_KEY] = hashlib.sha256("|".join([*parts, _transform_digest(params, with_mask, modality)]
+                                                      ).encode()).hexdigest()
+        rows, items = groups.setdefault((with_mask, modality), ([], []))
+        rows.append(i)
+        items.append(item)
     progress = tqdm(total=sum(len(rows) for rows, _ in groups.values()), desc="preprocess images",
                     disable=not sys.stderr.isatty())
-    for with_mask, (rows, items) in groups.items():
-        if not rows:
-            continue
-        transform = image_transforms(config, with_mask=with_mask)
+    for (with_mask, modality), (rows, items) in sorted(groups.items()):
+        transform = image_transforms(config, with_mask=with_mask, modality=modality)
         from monai.data import Dataset, PersistentDataset
 
         if config.cache_dir is not None:
@@ -164,7 +181,7 @@ def _images(manifest: pd.DataFrame, interim_dir: Path, params: Params) -> tuple[
             out = dataset[i]
             images[index] = np.asarray(out[IMAGE_KEY], dtype=np.float16)
             if with_mask:
-                masks[index] = (np.asarray(out[MASK_KEY]) > 0.5).astype(np.uint8)
+                masks[index] = np.asarray(out[MASK_KEY]).astype(np.uint8)
                 has_mask[index] = True
             progress.update()
     progress.close()
@@ -262,6 +279,8 @@ def run_preprocess(params: Params, interim_dir: Path, processed_dir: Path, repor
         "image": images,
         "lesion_mask": masks,
         "has_lesion_mask": has_mask,
+        LESION_CONTRAST: (manifest[LESION_CONTRAST].to_numpy(dtype=np.float32) if LESION_CONTRAST in manifest
+                          else np.full(len(manifest), np.nan, dtype=np.float32)),
         "token_ids": token_ids,
         "token_mask": token_mask,
         "tabular": tabular,
@@ -276,9 +295,8 @@ def run_preprocess(params: Params, interim_dir: Path, processed_dir: Path, repor
         "special_tokens": {token: int(tokenizer.token_to_id(token)) for token in SPECIAL_TOKENS},
         "tokenizer": str(config.pretrained_tokenizer) if config.pretrained_tokenizer else "fitted on training notes",
         "max_note_tokens": config.max_note_tokens,
-        "spatial_size": list(config.spatial_size),
-        "pixdim_mm": list(config.pixdim_mm),
-        "hu_window": list(config.hu_window),
+        **_image_params(params),
+        "image_channels": list(IMAGE_CHANNELS),
         "tabular_features": scaler.describe(),
         "split_counts": split_counts,
         "n_patients": len(manifest),

@@ -26,14 +26,36 @@ WHITE_MATTER_HU = 28.0
 CSF_HU = 5.0
 
 
+#: the shell around a lesion whose tissue is its "surroundings", in units of the lesion's own ellipsoidal
+#: radius: from where the soft lesion edge (:func:`_soft_inside`, edge 0.12) has fallen below ~8 %
+#: to the next lesion-sized ring, so the value is the tissue a reader compares the lesion against
+SURROUNDING_SHELL = (1.3, 1.8)
+
+
 @dataclass(frozen=True)
 class Lesion:
-    """One lesion, for the data card and the mask: kind, centre (LPS mm) and radius (mm)."""
+    """One lesion, for the data card and the mask: kind, centre (LPS mm), radius (mm), ``target_hu`` (its
+    density: the core for stroke and hemorrhage, the enhancing rim for an abscess) and ``contrast_hu``
+    (|target − median density of the surrounding brain|, before scanner noise and calibration: what
+    decides whether the lesion is visible at all; the cohort makes ~30 % of strokes nearly invisible)."""
 
     kind: str
     center_mm: tuple[float, float, float]
     radius_mm: float
+    target_hu: float
     contrast_hu: float
+
+
+def surrounding_contrast(volume: np.ndarray, lesion_radius: np.ndarray, brain: np.ndarray, target_hu: float) -> float:
+    """|``target_hu`` − median HU of the brain in the :data:`SURROUNDING_SHELL` of the lesion| (HU).
+
+    ``lesion_radius`` is the normalised ellipsoidal radius of every voxel (< 1 inside the lesion); a lesion
+    with no brain voxel in its shell (too small for the grid) is compared with the whole brain outside it.
+    """
+    shell = brain & (lesion_radius >= SURROUNDING_SHELL[0]) & (lesion_radius < SURROUNDING_SHELL[1])
+    if not shell.any():
+        shell = brain & (lesion_radius >= 1.0)
+    return float(abs(target_hu - np.median(volume[shell])))
 
 
 def voxel_centres(shape_ijk: tuple[int, int, int], spacing_ijk: tuple[float, float, float]) -> np.ndarray:
@@ -74,7 +96,8 @@ def head_volume(
     # grey matter rim over white matter, a smooth transition
     grey_weight = np.clip((radius - 0.72 * inner) / (0.18 * inner), 0.0, 1.0)
     volume[brain] = (WHITE_MATTER_HU + (CORTEX_HU - WHITE_MATTER_HU) * grey_weight)[brain]
-    # lateral ventricles widen with age (atrophy)
+    # lateral ventricles widen with age (atrophy); the cohort passes an "atrophy age" that does not depend
+    # on the diagnosis (cohort.ATROPHY_AGE_MODEL), so ventricle size is no shortcut to the label
     ventricle_scale = 1.0 + max(age_years - 40.0, 0.0) / 60.0
     for side in (-1.0, 1.0):
         v_center = center + np.array([side * 9.0, 4.0, 12.0])
@@ -116,7 +139,9 @@ def add_lesion(
         centre = _random_brain_point(rng, head_center, semi_axes, (0.2, 0.6))
         weight = _soft_inside(_ellipsoid_radius(points, centre, np.full(3, radius))) * brain
         volume = volume * (1 - weight) + target * weight
-        lesions.append(Lesion(kind, tuple(centre.round(1)), round(radius, 1), round(target, 1)))
+        mimic_radius = _ellipsoid_radius(points, centre, np.full(3, radius))
+        contrast = surrounding_contrast(volume, mimic_radius, brain, target)
+        lesions.append(Lesion(kind, tuple(centre.round(1)), round(radius, 1), round(target, 1), round(contrast, 1)))
         return volume, mask, lesions
 
     axes_ratio = rng.uniform(0.7, 1.3, size=3)
@@ -153,5 +178,6 @@ def add_lesion(
     else:
         volume = volume * (1 - weight) + target * weight
     mask[(lesion_radius < 1.0) & brain] = 1
-    lesions.append(Lesion(diagnosis, tuple(centre.round(1)), round(radius, 1), round(target, 1)))
+    contrast = surrounding_contrast(volume, lesion_radius, brain, target)
+    lesions.append(Lesion(diagnosis, tuple(centre.round(1)), round(radius, 1), round(target, 1), round(contrast, 1)))
     return volume, mask, lesions

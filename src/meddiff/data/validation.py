@@ -119,12 +119,17 @@ class TableValidator:
 
 
 def patient_rules(age_range: tuple[int, int]) -> list[Rule]:
-    """FHIR R4 Patient: id present and unique, administrative gender coded, plausible age, a site."""
+    """FHIR R4 Patient: id present and unique, administrative gender coded, a readable and plausible age.
+
+    Gender, birthDate and managingOrganization are optional (0..1) in R4: absent, they are unknown (the
+    manifest's site is then ``unknown``). The id may hold ``_`` (BraTS 2021 case ids, ``BraTS2021_00001``)
+    although a FHIR id may not: it is an identifier all the same and is pseudonymised like any other.
+    """
     return [
         Rule("ExpectColumnValuesToNotBeNull", {"column": "patient_id"}, "missing_field",
              "Patient.id is missing"),
-        Rule("ExpectColumnValuesToMatchRegex", {"column": "patient_id", "regex": r"^[A-Za-z0-9\-\.]{1,64}$"},
-             "invalid_id", "Patient.id {value!r} is not a FHIR id ([A-Za-z0-9-.]{{1,64}})"),
+        Rule("ExpectColumnValuesToMatchRegex", {"column": "patient_id", "regex": r"^[A-Za-z0-9\-\._]{1,64}$"},
+             "invalid_id", "Patient.id {value!r} is not an id ([A-Za-z0-9-._]{{1,64}})"),
         Rule("ExpectColumnValuesToNotMatchRegex", {"column": "patient_id", "regex": r"\.\."}, "invalid_id",
              "Patient.id {value!r} contains '..' (a path trick)"),
         Rule("ExpectColumnValuesToBeUnique", {"column": "patient_id"}, "duplicate_id",
@@ -132,13 +137,11 @@ def patient_rules(age_range: tuple[int, int]) -> list[Rule]:
         Rule("ExpectColumnValuesToBeInSet",
              {"column": "sex", "value_set": ["male", "female", "other", "unknown"]}, "invalid_code",
              "Patient.gender {value!r} is not in the FHIR AdministrativeGender value set"),
-        Rule("ExpectColumnValuesToNotBeNull", {"column": "age"}, "missing_field",
-             "Patient.birthDate is missing or not a date"),
+        Rule("ExpectColumnValuesToBeNull", {"column": "birth_date_invalid"}, "invalid_value",
+             "Patient.birthDate {value!r} is not a FHIR date (YYYY, YYYY-MM or YYYY-MM-DD)"),
         Rule("ExpectColumnValuesToBeBetween",
              {"column": "age", "min_value": age_range[0], "max_value": age_range[1]}, "out_of_range",
              "age {value} years (from Patient.birthDate) is outside [{min_value}, {max_value}]"),
-        Rule("ExpectColumnValuesToNotBeNull", {"column": "site"}, "missing_field",
-             "Patient.managingOrganization (acquisition site) is missing"),
     ]
 
 

@@ -131,6 +131,7 @@ class DiffMICClassifier(nn.Module):
         hidden: int | None = None,
         prior_weight: float = 1.0,
         prior_mean: bool = True,
+        in_channels: int = 1,
     ):
         super().__init__()
         if num_train_timesteps < 2:
@@ -139,7 +140,8 @@ class DiffMICClassifier(nn.Module):
         self.num_train_timesteps = num_train_timesteps
         self.prior_weight = prior_weight
         self.prior_mean = prior_mean
-        self.encoder = ImageEncoder(tuple(spatial_size), list(image_channels), d_model, dropout=0.0)
+        self.encoder = ImageEncoder(tuple(spatial_size), list(image_channels), d_model, dropout=0.0,
+                                    in_channels=in_channels)
         self.denoiser = LabelDenoiser(n_classes, d_model, hidden or 4 * d_model)
         self.prior_head = nn.Linear(d_model, n_classes)
         self.register_buffer("class_prior", torch.full((n_classes,), 1.0 / n_classes))
@@ -286,7 +288,7 @@ def train_diffmic(
         torch.manual_seed(seed)
         model = DiffMICClassifier(
             data.n_classes, spatial_size, image_channels, d_model, num_train_timesteps,
-            prior_weight=prior_weight, prior_mean=prior_mean,
+            prior_weight=prior_weight, prior_mean=prior_mean, in_channels=int(data.arrays["image"].shape[1]),
         )
     model.class_prior.copy_(torch.from_numpy(counts / counts.sum()).float())
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)

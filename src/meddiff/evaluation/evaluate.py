@@ -23,7 +23,7 @@ import numpy as np
 from meddiff.config import Params
 from meddiff.data.dataset import ProcessedDataset, load_processed
 from meddiff.evaluation import robustness, subgroups
-from meddiff.evaluation.bootstrap import bootstrap_ci
+from meddiff.intervals import bootstrap_ci
 from meddiff.io import atomic_file, read_json, write_json
 from meddiff.metrics import METRICS, auc_one_vs_rest
 from meddiff.model.inference import predict_proba
@@ -89,7 +89,7 @@ def plot_robustness(rows: list[dict], target: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
     for impute, style in ((False, "o-"), (True, "s--")):
         series = [r for r in rows if r["scenario"] == "random" and r["imputation"] == impute]
         if not series:
@@ -103,15 +103,15 @@ def plot_robustness(rows: list[dict], target: Path) -> None:
     left.grid(alpha=0.3)
     left.legend(loc="lower left")
     left.set_title("Random masking")
-    absent = [r for r in rows if r["scenario"].startswith("absent_") and not r["imputation"]]
-    names = [r["scenario"].removeprefix("absent_") for r in absent]
-    values = [r["auc_macro"] for r in absent]
-    errors = [[v - r["auc_ci_low"] for v, r in zip(values, absent, strict=True)],
-              [r["auc_ci_high"] - v for v, r in zip(values, absent, strict=True)]]
-    right.bar(names, values, yerr=errors, capsize=4, color="#8da0cb")
-    right.set_ylim(0.4, 1.0)
-    right.set_title("One modality absent (no imputation)")
-    right.grid(alpha=0.3, axis="y")
+    subsets = [r for r in rows if r["scenario"].startswith("subset_") and not r["imputation"] and r["n_patients"]]
+    names = [r["scenario"].removeprefix("subset_").replace("tabular", "EHR") for r in subsets]
+    values = [r["auc_macro"] for r in subsets]
+    errors = [[v - r["auc_ci_low"] for v, r in zip(values, subsets, strict=True)],
+              [r["auc_ci_high"] - v for v, r in zip(values, subsets, strict=True)]]
+    right.barh(names, values, xerr=errors, capsize=3, color="#8da0cb")
+    right.set_xlim(0.4, 1.0)
+    right.set_title("Modalities shown (no imputation), 95 % CI")
+    right.grid(alpha=0.3, axis="x")
     figure.tight_layout()
     with atomic_file(target, "wb") as handle:
         figure.savefig(handle, format="png")
@@ -129,12 +129,13 @@ def run_evaluate(params: Params, processed_dir: Path, model_dir: Path, report_di
     probs = predict_proba(model, data, index)
     rare = subgroups.rare_classes(data, config.rare_classes)
     site = subgroups.minority_site(data, config.subgroup_site)
-    in_group = data.arrays["site"][index] == site
     metrics: dict = {
         "class_names": data.class_names,
         "test": test_metrics(y, probs, data.class_names, config.n_bootstrap, params.seed),
         "rare": subgroups.rare_report(y, probs, rare, data.class_names, config.n_bootstrap, params.seed),
-        "subgroup": subgroups.subgroup_report(y, probs, in_group, site, config.n_bootstrap, params.seed),
+        "subgroup": subgroups.subgroup_report(
+            y, probs, data.arrays["site"][index], site, config.n_bootstrap, params.seed
+        ),
     }
     rows = robustness.robustness_sweep(
         model_predictor(model, params.seed), data, index, list(config.masking_rates), config.n_repeats,

@@ -7,23 +7,29 @@ latents:
   slots are masked, uniformly at random, keeping at least one modality per patient; above what that
   allows (2/3 when everyone has all three) every maskable slot is masked and ``masked_fraction``
   says so. Repeated ``n_repeats`` times with different masks;
-* ``absent_<modality>``: that modality removed from every patient that has another one.
+* ``absent_<modality>``: that modality removed from every patient that has another one;
+* ``subset_<m1+m2…>``: each of the 7 non-empty subsets of the modalities: only those modalities are
+  shown, to the patients who have at least one of them (``n_patients`` says how many).
+
+A row that could not measure what its name says carries a ``note`` ("nothing to mask", "no patient
+has these modalities") instead of silently repeating the unmasked numbers.
 
 AUC intervals come from a cluster bootstrap over patients (all repeats of a patient together).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from meddiff import MODALITIES
 from meddiff.data.dataset import ProcessedDataset
-from meddiff.evaluation.bootstrap import bootstrap_ci
+from meddiff.intervals import bootstrap_ci
 from meddiff.metrics import accuracy, auc_macro, auc_one_vs_rest, f1_macro
 from meddiff.training.masking import drop_modality, mask_exact_fraction
 
@@ -34,7 +40,7 @@ Predict = Callable[[ProcessedDataset, np.ndarray, np.ndarray, bool], np.ndarray]
 
 FIELDS = (
     "model", "scenario", "imputation", "masking_rate", "masked_fraction", "auc_macro", "auc_ci_low",
-    "auc_ci_high", "f1_macro", "accuracy", "rare_auc", "n_patients",
+    "auc_ci_high", "f1_macro", "accuracy", "rare_auc", "n_patients", "note",
 )
 
 
@@ -43,6 +49,13 @@ class Scenario:
     name: str
     rate: float
     masks: list[np.ndarray]  # one (N, 3) modality_present after masking per repeat
+    #: (N,) the patients this scenario scores (a subset scenario drops those with none of its modalities)
+    rows: np.ndarray | None = field(default=None)
+
+
+def modality_subsets() -> list[tuple[str, ...]]:
+    """The 7 non-empty subsets of :data:`meddiff.MODALITIES`, singles first."""
+    return [combo for size in range(1, len(MODALITIES) + 1) for combo in itertools.combinations(MODALITIES, size)]
 
 
 def build_scenarios(present: np.ndarray, rates: list[float], repeats: int, seed: int) -> list[Scenario]:
@@ -54,6 +67,9 @@ def build_scenarios(present: np.ndarray, rates: list[float], repeats: int, seed:
         scenarios.append(Scenario("random", rate, masks))
     for m, name in enumerate(MODALITIES):
         scenarios.append(Scenario(f"absent_{name}", float("nan"), [drop_modality(present_t, m).numpy()]))
+    for subset in modality_subsets():
+        shown = present.astype(bool) & np.isin(np.array(MODALITIES), subset)[None, :]
+        scenarios.append(Scenario(f"subset_{'+'.join(subset)}", float("nan"), [shown], rows=shown.any(axis=1)))
     return scenarios
 
 
@@ -67,28 +83,49 @@ def evaluate_scenario(
     n_bootstrap: int,
     seed: int,
 ) -> dict:
+    rows = np.ones(len(index), bool) if scenario.rows is None else scenario.rows
+    index, masks = index[rows], [mask[rows] for mask in scenario.masks]
     labels = data.arrays["label"][index]
-    present = data.arrays["modality_present"][index]
-    probs = [predict(data, index, mask, impute) for mask in scenario.masks]
+    present = data.arrays["modality_present"][index].astype(bool)
+    masked = float(np.mean([(present & ~mask).sum() / max(1, present.sum()) for mask in masks]))
+    row = {
+        "scenario": scenario.name,
+        "imputation": impute,
+        "masking_rate": scenario.rate if np.isfinite(scenario.rate) else round(masked, 4),
+        "masked_fraction": round(masked, 4),
+        "n_patients": len(index),
+        "note": _note(scenario, present, masked),
+    }
+    if len(index) == 0:
+        nan = float("nan")
+        return {**row, "auc_macro": nan, "auc_ci_low": nan, "auc_ci_high": nan, "f1_macro": nan, "accuracy": nan,
+                "rare_auc": nan}
+    probs = [predict(data, index, mask, impute) for mask in masks]
     pooled_probs = np.concatenate(probs)
     pooled_labels = np.tile(labels, len(probs))
     clusters = np.tile(np.arange(len(index)), len(probs))
     auc = bootstrap_ci(pooled_labels, pooled_probs, auc_macro, n_bootstrap, seed, clusters=clusters)
-    masked = np.mean([(present & ~mask).sum() / present.sum() for mask in scenario.masks])
     rare = [np.mean([auc_one_vs_rest(labels, p, c) for p in probs]) for c in rare_classes]
     return {
-        "scenario": scenario.name,
-        "imputation": impute,
-        "masking_rate": scenario.rate if np.isfinite(scenario.rate) else round(float(masked), 4),
-        "masked_fraction": round(float(masked), 4),
+        **row,
         "auc_macro": auc["value"],
         "auc_ci_low": auc["ci_low"],
         "auc_ci_high": auc["ci_high"],
         "f1_macro": float(np.mean([f1_macro(labels, p) for p in probs])),
         "accuracy": float(np.mean([accuracy(labels, p) for p in probs])),
         "rare_auc": float(np.nanmean(rare)) if rare and np.isfinite(rare).any() else float("nan"),
-        "n_patients": len(index),
     }
+
+
+def _note(scenario: Scenario, present: np.ndarray, masked: float) -> str:
+    """Why a row does not measure what its name says, or "" when it does."""
+    if len(present) == 0:
+        return "no test patient has any of these modalities"
+    if scenario.name == "random" and scenario.rate > 0 and masked == 0.0:
+        return "nothing to mask: no patient has two modalities (one is always kept)"
+    if scenario.name.startswith("absent_") and masked == 0.0:
+        return "nothing removed: no patient has this modality beside another one"
+    return ""
 
 
 def robustness_sweep(

@@ -3,7 +3,10 @@
 * Rare classes: one-vs-rest AUC and sensitivity (recall) with bootstrap intervals; by default the
   classes with at most 5 % of the training split.
 * Subgroup: metrics inside the minority acquisition site and outside it, the AUC gap
-  (rest − subgroup) with its own bootstrap interval, and the equalised-odds difference.
+  (rest − subgroup) with its own bootstrap interval, and the equalised-odds difference. Patients
+  whose site is unknown (no ``managingOrganization``) belong to no site: they are counted, never
+  compared. With fewer than two known sites, or an empty side, the comparison does not apply and
+  the report says why instead of failing the stage.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 import numpy as np
 
 from meddiff.data.dataset import ProcessedDataset
-from meddiff.evaluation.bootstrap import bootstrap_ci
+from meddiff.intervals import bootstrap_ci
 from meddiff.metrics import auc_macro, auc_one_vs_rest, equalised_odds_difference, f1_macro
 
 RARE_PREVALENCE = 0.05
+#: The site of a patient whose export names none (``meddiff.data.ingest.manifest.UNKNOWN_SITE``).
+UNKNOWN_SITE = "unknown"
 
 
 def rare_classes(data: ProcessedDataset, names: list[str] | None) -> list[int]:
@@ -28,13 +33,22 @@ def rare_classes(data: ProcessedDataset, names: list[str] | None) -> list[int]:
     return [c for c in range(data.n_classes) if 0 < prevalence[c] <= RARE_PREVALENCE]
 
 
-def minority_site(data: ProcessedDataset, name: str | None) -> str:
+def minority_site(data: ProcessedDataset, name: str | None) -> str | None:
+    """The subgroup's site: ``name`` when given, else the least frequent known site; ``None`` when the
+    data have fewer than two known sites (no subgroup to compare).
+
+    Raises:
+        ValueError: ``name`` is not a site of the data.
+    """
     sites, counts = np.unique(data.arrays["site"], return_counts=True)
     if name:
         if name not in sites:
             raise ValueError(f"evaluate.subgroup_site {name!r} is not a site in the data ({sites.tolist()})")
         return name
-    return str(sites[np.argmin(counts)])
+    known = sites != UNKNOWN_SITE
+    if known.sum() < 2:
+        return None
+    return str(sites[known][np.argmin(counts[known])])
 
 
 def rare_report(y: np.ndarray, probs: np.ndarray, classes: list[int], names: list[str], n: int, seed: int) -> dict:
@@ -52,7 +66,28 @@ def rare_report(y: np.ndarray, probs: np.ndarray, classes: list[int], names: lis
     return report
 
 
-def subgroup_report(y: np.ndarray, probs: np.ndarray, in_group: np.ndarray, site: str, n: int, seed: int) -> dict:
+def subgroup_report(
+    y: np.ndarray, probs: np.ndarray, sites: np.ndarray, site: str | None, n: int, seed: int
+) -> dict:
+    """Metrics inside ``site`` against every other known site, for the patients of ``sites`` (n,).
+
+    Returns a report with ``applicable`` False and the ``reason`` when there is nothing to compare
+    (no second known site, or an empty side), always with ``n_unknown_site``.
+    """
+    sites = np.asarray(sites)
+    known = sites != UNKNOWN_SITE
+    n_unknown = int((~known).sum())
+    in_group = sites == site
+    rest = known & ~in_group
+    if site is None or not in_group.any() or not rest.any():
+        reason = (
+            "fewer than two known sites in the data" if site is None
+            else f"no test patient {'from' if not in_group.any() else 'outside'} site {site!r}"
+        )
+        return {"applicable": False, "reason": reason, "site": site, "n_subgroup": int(in_group.sum()),
+                "n_rest": int(rest.sum()), "n_unknown_site": n_unknown}
+    y, probs, in_group = y[known], probs[known], in_group[known]
+
     def auc_gap_on(rows: np.ndarray) -> float:
         inside, outside = rows[in_group[rows]], rows[~in_group[rows]]
         if len(inside) < 2 or len(outside) < 2:
@@ -70,9 +105,11 @@ def subgroup_report(y: np.ndarray, probs: np.ndarray, in_group: np.ndarray, site
     low, high = np.quantile(gaps, [0.025, 0.975]) if gaps else (float("nan"), float("nan"))
     inside, outside = in_group, ~in_group
     return {
+        "applicable": True,
         "site": site,
         "n_subgroup": int(inside.sum()),
         "n_rest": int(outside.sum()),
+        "n_unknown_site": n_unknown,
         "subgroup": {
             "auc_macro": bootstrap_ci(y[inside], probs[inside], auc_macro, n, seed),
             "f1_macro": f1_macro(y[inside], probs[inside]),

@@ -1,133 +1,118 @@
-"""Attention-based attributions (proposal §3.5), read from the weights the model used.
+"""What every attribution method returns, and the pieces they share (proposal §3.5).
 
-Token relevance comes from the fusion attention α_ij (modality queries i → key tokens j), by one of:
+An attribution explains one class per patient, the class the model predicts (argmax of the logits),
+with all of the patient's present modalities as input. Every method gives, per patient:
 
-* ``attention``: α averaged over heads and queries (what the proposal names directly);
-* ``grad_attention``: gradient-weighted attention, R_j = Σ_i E_h[(∂y_c/∂α_ij ⊙ α_ij)⁺] for the
-  predicted class c (Chefer, Gur & Wolf 2021, "Generic attention-model explainability", eq. 5 for
-  one attention layer). Raw attention also routes information the decision does not use;
-  weighting by the gradient keeps the part that raises the predicted class.
+* a voxel map over the image's spatial grid (D, H, W), non-negative, in the method's own units (its
+  peak is kept, so that a map of a healthy patient can be compared with one of a lesion); the
+  channels of a multi-channel image are summed;
+* a relevance per note token (L,), zero on padding, and per EHR feature (F,), both non-negative;
+* the relevance mass of each modality (image, text, EHR), normalised to shares that sum to 1. An
+  absent modality has no influence on the model and gets no relevance at all.
 
-Per modality:
-
-* Image: relevance of the region tokens, laid back on the encoder's voxel grid and upsampled
-  trilinearly to the input volume; thresholded at a fraction of its maximum it is compared with the
-  lesion mask by the Dice coefficient (proposal §3.6), and its maximum by the pointing game (Zhang et
-  al. 2018: does the most relevant voxel fall in the lesion?).
-* Text: attention rollout (Abnar & Zuidema 2020), R = Π_l (½·Ā_l + ½·I) with rows renormalised and
-  Ā_l the head-averaged self-attention of layer l; the fusion relevance of the note's output tokens
-  is propagated through R to the input tokens.
-* Tabular: the fusion relevance of each EHR feature token.
+The methods themselves live in one module each (``attention``, ``integrated_gradients``,
+``grad_cam``, ``occlusion``); :func:`meddiff.explain.methods.explain_batch` dispatches to them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import math
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from meddiff.model.multimodal import MedDiffModel, ModelOutput
+from meddiff import MODALITIES
+from meddiff.model.multimodal import MedDiffModel
 
-Method = Literal["attention", "grad_attention"]
+IMAGE, TEXT, TABULAR = (MODALITIES.index(m) for m in ("image", "text", "tabular"))
 
 
 @dataclass
 class Attributions:
-    image: np.ndarray  # (B, D, H, W) in [0, 1]
-    text: np.ndarray  # (B, L), zero on padding
-    tabular: np.ndarray  # (B, F)
-    modality_share: np.ndarray  # (B, 3) relevance mass per modality, rows sum to 1
-    predicted: np.ndarray  # (B,) class the attributions explain
-    probabilities: np.ndarray  # (B, classes)
+    image: np.ndarray  # (B, D, H, W) ≥ 0, the method's units
+    text: np.ndarray  # (B, L) ≥ 0, zero on padding and for an absent note
+    tabular: np.ndarray  # (B, F) ≥ 0, zero for an absent EHR
+    modality_share: np.ndarray  # (B, 3) relevance mass per modality; rows sum to 1 (0 where nothing is relevant)
+    predicted: np.ndarray  # (B,) the class explained: the model's prediction
+    probabilities: np.ndarray  # (B, classes) softmax of the model's logits
+
+    @classmethod
+    def concatenate(cls, parts: list[Attributions]) -> Attributions:
+        """The attributions of several batches, in order.
+
+        Raises:
+            ValueError: no part.
+        """
+        if not parts:
+            raise ValueError("no attributions to concatenate")
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
-def attention_rollout(attentions: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Rollout matrix (B, L, L) from per-layer attentions [(B, heads, L, L), ...]."""
-    rollout = None
-    for layer in attentions:
-        mean = layer.mean(dim=1)
-        identity = torch.eye(mean.shape[-1], device=mean.device).expand_as(mean)
-        step = 0.5 * mean + 0.5 * identity
-        step = step / step.sum(dim=-1, keepdim=True)
-        rollout = step if rollout is None else step @ rollout
-    if rollout is None:
-        raise ValueError("attention rollout needs at least one layer")
-    return rollout
+def modality_shares(mass: torch.Tensor, present: torch.Tensor) -> np.ndarray:
+    """(B, 3) shares from per-modality relevance masses (B, 3): negative mass (evidence against the
+    class) and absent modalities count 0; rows are normalised to sum 1 (all zero if nothing is relevant)."""
+    mass = mass.detach().clamp_min(0.0) * present.float()
+    return (mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-12)).numpy()
 
 
-def _normalise(values: torch.Tensor) -> torch.Tensor:
-    flat = values.flatten(1)
-    low, high = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
-    return ((flat - low) / (high - low).clamp_min(1e-12)).view_as(values)
-
-
-def token_relevance(output: ModelOutput, method: Method) -> torch.Tensor:
-    """(B, T) relevance of each fusion key token."""
-    if method == "attention":
-        return output.attention.detach().mean(dim=(1, 2))
-    if output.attention.grad is None:
-        raise ValueError("grad_attention needs the gradient of the explained logit w.r.t. the attention")
-    weighted = (output.attention.grad * output.attention.detach()).clamp_min(0.0)  # (B, heads, M, T)
-    return weighted.mean(dim=1).sum(dim=1)
-
-
-def explain_batch(
+def assemble(
     model: MedDiffModel,
     inputs: dict[str, torch.Tensor],
-    modality_present: torch.Tensor,
-    method: Method,
+    present: torch.Tensor,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    tabular: torch.Tensor,
+    mass: torch.Tensor,
 ) -> Attributions:
-    """Forward (with attentions), backpropagate the predicted logit, and read the relevance of the
-    patients' ``inputs`` with ``modality_present`` (B, 3); an absent modality gets no relevance."""
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        output = model(inputs, modality_present, output_attentions=True)
-        output.attention.retain_grad()
-        predicted = output.logits.argmax(dim=1)
-        output.logits.gather(1, predicted.unsqueeze(1)).sum().backward()
-    relevance = token_relevance(output, method)
-    slices = output.token_slices
-    grid = model.image_encoder.grid
-    spatial = tuple(inputs["image"].shape[2:])
-    image_tokens = relevance[:, slices["image"]].reshape(-1, 1, *grid)
-    image = F.interpolate(image_tokens, size=spatial, mode="trilinear", align_corners=False)[:, 0]
-    text = relevance[:, slices["text"]]
-    if output.text_attentions:
-        rollout = attention_rollout(tuple(a.detach() for a in output.text_attentions))
-        text = (text.unsqueeze(1) @ rollout).squeeze(1)
-    text = text * inputs["token_mask"].float()
-    share = torch.stack([relevance[:, s].sum(dim=1) for s in slices.values()], dim=1)
-    share = share / share.sum(dim=1, keepdim=True).clamp_min(1e-12)
-    model.zero_grad(set_to_none=True)
+    """Attributions from a method's raw relevance: ``image`` (B, D, H, W), ``text`` (B, L), ``tabular``
+    (B, F) (negative parts dropped; absent modalities and padding zeroed) and ``mass`` (B, 3)."""
+    keep = present.float()
+    with torch.no_grad():
+        logits = model(inputs, present).logits
     return Attributions(
-        image=_normalise(image).numpy(),
-        text=text.numpy(),
-        tabular=relevance[:, slices["tabular"]].numpy(),
-        modality_share=share.numpy(),
-        predicted=predicted.numpy(),
-        probabilities=torch.softmax(output.logits.detach(), dim=-1).numpy(),
+        image=(image.detach().clamp_min(0.0) * keep[:, IMAGE].view(-1, *[1] * (image.ndim - 1))).numpy(),
+        text=(text.detach().clamp_min(0.0) * inputs["token_mask"].float() * keep[:, TEXT : TEXT + 1]).numpy(),
+        tabular=(tabular.detach().clamp_min(0.0) * keep[:, TABULAR : TABULAR + 1]).numpy(),
+        modality_share=modality_shares(mass, present),
+        predicted=logits.argmax(dim=1).numpy(),
+        probabilities=torch.softmax(logits, dim=-1).numpy(),
     )
 
 
-def dice(prediction: np.ndarray, target: np.ndarray) -> float:
-    """Dice = 2|P ∩ T| / (|P| + |T|); 1.0 when both are empty."""
-    prediction, target = prediction.astype(bool), target.astype(bool)
-    total = prediction.sum() + target.sum()
-    return 1.0 if total == 0 else float(2.0 * (prediction & target).sum() / total)
+def token_grid(n_tokens: int, spatial: tuple[int, ...], encoder: torch.nn.Module) -> tuple[int, ...]:
+    """The (d, h, w) grid of the image encoder's region tokens: its ``grid`` attribute, else the grid
+    that divides ``spatial`` by one common factor into ``n_tokens`` cells.
+
+    Raises:
+        ValueError: no such grid.
+    """
+    grid = getattr(encoder, "grid", None)
+    if grid is not None and math.prod(grid) == n_tokens:
+        return tuple(int(g) for g in grid)
+    factor = round((math.prod(spatial) / n_tokens) ** (1.0 / len(spatial)))
+    guess = tuple(side // max(factor, 1) for side in spatial)
+    if math.prod(guess) != n_tokens:
+        raise ValueError(f"cannot lay {n_tokens} image tokens on a grid over the image {spatial}")
+    return guess
 
 
-def attribution_mask(attribution: np.ndarray, threshold: float) -> np.ndarray:
-    """Voxels whose (max-normalised) relevance is at least ``threshold``."""
-    return attribution >= threshold * attribution.max()
+def mask_channels(model: MedDiffModel, n_channels: int) -> tuple[int, ...]:
+    """Image channels that are masks, not densities (the brain mask channel of ``spec.image_brain_channel``):
+    baselines, occlusion and deletion keep them, so "removing" a voxel means removing its density,
+    not moving the brain's outline."""
+    channel = getattr(getattr(model, "spec", None), "image_brain_channel", None)
+    return () if channel is None else (channel % n_channels,)
 
 
-def pointing_hit(attribution: np.ndarray, lesion: np.ndarray, tolerance_voxels: int = 1) -> bool:
-    """Whether the most relevant voxel lies in the lesion (dilated by ``tolerance_voxels``)."""
-    from scipy.ndimage import binary_dilation
+def density_baseline(image: torch.Tensor, keep: tuple[int, ...]) -> torch.Tensor:
+    """``image`` (B, C, D, H, W) with every channel but ``keep`` set to 0 (the value outside the brain)."""
+    baseline = torch.zeros_like(image)
+    for channel in keep:
+        baseline[:, channel] = image[:, channel]
+    return baseline
 
-    region = binary_dilation(lesion.astype(bool), iterations=tolerance_voxels) if tolerance_voxels else lesion
-    return bool(region[np.unravel_index(int(np.argmax(attribution)), attribution.shape)])
+
+def predicted_probability(logits: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """(B,) softmax probability of each row's ``predicted`` class (the explained output)."""
+    return torch.softmax(logits, dim=-1).gather(1, predicted.view(-1, 1)).squeeze(1)

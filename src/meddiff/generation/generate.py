@@ -1,8 +1,10 @@
-"""The ``generate`` stage: class-conditional synthetic patients (proposal §3.6, task 2).
+"""The ``generate`` stage: class-conditional synthetic patients (proposal §3.6, task 2; issue 12).
 
 For each class y, latents are sampled from the trained latent diffusion model with DDIM and
-classifier-free guidance, then decoded to each modality: a volume (NIfTI), an EHR vector in original
-units (FHIR R4 ``Observation`` resources) and a findings line of the likeliest note terms.
+classifier-free guidance, then decoded to each modality (image decoder, tabular decoder in original
+units, keyword decoder) and exported as a raw drop hospitals can load and ``meddiff ingest`` reads back:
+a DICOM CT series, FHIR R4 NDJSON (Patient, Observation, Condition, DocumentReference with a templated
+note) per patient (:mod:`.export`), with a data card (:mod:`.data_card`).
 
 Quality is measured, not assumed:
 
@@ -12,27 +14,48 @@ Quality is measured, not assumed:
   2017 on fused latents, MONAI ``FIDMetric``), next to the same distance between two real splits as
   the floor that sample size alone produces;
 * ``mmd`` (MONAI ``MMDMetric``) between equal-size sets of synthetic and real latents.
+
+Privacy (:mod:`.privacy`: nearest-neighbour distance ratio, closeness to training patients,
+membership-inference AUC) in the fused latent space and in image space (decoded channels against the
+processed images), and usefulness (:mod:`.utility`: train on synthetic, test on real) are measured too.
+
+Outputs: ``synthetic_dir`` (the drop, ``README.md`` = the data card), ``report_dir/metrics.json``,
+``latents.npz``, ``privacy_pairs.json`` (closest synthetic→training pairs per space), ``data_card.md``.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from meddiff.config import Params
 from meddiff.data.dataset import ProcessedDataset, load_processed
-from meddiff.data.tokenizer import N_SPECIAL_TOKENS
+from meddiff.generation.data_card import data_card
+from meddiff.generation.export import (
+    DecodedPatient,
+    ExportSettings,
+    export_drop,
+    latent_digest,
+    patient_id,
+    term_probabilities,
+)
+from meddiff.generation.privacy import privacy_report
+from meddiff.generation.utility import tstr_report
 from meddiff.io import atomic_dir, atomic_file, write_json
 from meddiff.model.inference import encode_latents
 from meddiff.model.multimodal import MedDiffModel
 
 LOG = logging.getLogger(__name__)
-KEYWORDS_PER_NOTE = 8
+#: latents decoded per batch (the image decoder's output is the largest tensor)
+DECODE_BATCH = 32
+DATA_CARD = "data_card.md"
+DROP_README = "README.md"  # a provenance file name that ingest skips
 
 
 @dataclass
@@ -42,6 +65,8 @@ class GenerateResult:
     class_agreement: float
     frechet_distance: float
     frechet_distance_real_floor: float
+    tstr_over_trtr: float
+    membership_inference_auc_latent: float
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -60,67 +85,75 @@ def mmd(a: np.ndarray, b: np.ndarray, seed: int) -> float:
     return float(MMDMetric()(torch.from_numpy(a_sub), torch.from_numpy(b_sub)))
 
 
-def _observations(patient_id: str, values: np.ndarray, features: list[dict]) -> list[dict]:
-    """FHIR R4 Observation resources for one synthetic patient (units as the features were scaled)."""
-    resources = []
-    for feature, value in zip(features, values, strict=True):
-        resources.append({
-            "resourceType": "Observation",
-            "id": f"{patient_id}-{feature['name']}",
-            "status": "final",
-            "code": {"text": feature["name"], **({"coding": [feature["coding"]]} if "coding" in feature else {})},
-            "subject": {"reference": f"Patient/{patient_id}"},
-            "valueQuantity": {"value": round(float(value), 3), "unit": feature.get("unit", "")},
-            "meta": {"tag": [{"system": "https://meddiff.dev/synthetic", "code": "synthetic"}]},
-        })
-    return resources
-
-
-def _write_records(
-    model: MedDiffModel, z: np.ndarray, labels: np.ndarray, data: ProcessedDataset, out: Path
-) -> None:
-    import nibabel as nib
-
+@torch.no_grad()
+def decode(model: MedDiffModel, z: np.ndarray, data: ProcessedDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decoded modalities of latents ``z`` (B, d): image channels (B, C, X, Y, Z) in [0, 1], tabular features
+    (B, F) in original units (the training-split scaler inverted) and keyword probabilities (B, V)."""
+    model.eval()
     features = data.meta.get("tabular_features", [])
     mean = np.array([f.get("mean", 0.0) for f in features], dtype=np.float32)
     std = np.array([f.get("std", 1.0) for f in features], dtype=np.float32)
-    vocabulary = data.vocabulary
-    spacing = data.meta.get("pixdim_mm", [1.0, 1.0, 1.0])
-    affine = np.diag([*map(float, spacing), 1.0])
-    (out / "imaging").mkdir()
-    (out / "notes").mkdir()
-    with torch.no_grad():
-        latents = torch.from_numpy(z)
-        volumes = model.image_decoder(latents).numpy()[:, 0]
-        tabular = model.tabular_decoder(latents).numpy() * std + mean
-        keyword_probs = torch.sigmoid(model.keyword_decoder(latents)).numpy()
-    patients, observations, manifest = [], [], []
-    for i, label in enumerate(labels):
-        patient_id = f"synthetic-{i:05d}"
-        class_name = data.class_names[int(label)]
-        nib.save(nib.Nifti1Image(volumes[i].astype(np.float32), affine), out / "imaging" / f"{patient_id}.nii.gz")
-        patients.append({
-            "resourceType": "Patient",
-            "id": patient_id,
-            "meta": {"tag": [{"system": "https://meddiff.dev/synthetic", "code": "synthetic"}]},
-        })
-        observations.extend(_observations(patient_id, tabular[i], features))
-        ranked = np.argsort(-keyword_probs[i])
-        terms = [vocabulary[t] for t in ranked if t >= N_SPECIAL_TOKENS and t in vocabulary][:KEYWORDS_PER_NOTE]
-        (out / "notes" / f"{patient_id}.txt").write_text("Findings (synthetic, key terms): " + ", ".join(terms) + "\n")
-        manifest.append({"patient_id": patient_id, "class": class_name})
-    for name, rows in (("Patient.ndjson", patients), ("Observation.ndjson", observations)):
-        with open(out / name, "w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
-    write_json(out / "manifest.json", manifest)
+    images, tabular, keywords = [], [], []
+    for start in range(0, len(z), DECODE_BATCH):
+        latents = torch.from_numpy(z[start : start + DECODE_BATCH])
+        images.append(model.image_decoder(latents).numpy())
+        tabular.append(model.tabular_decoder(latents).numpy() * std + mean)
+        keywords.append(torch.sigmoid(model.keyword_decoder(latents)).numpy())
+    return np.concatenate(images), np.concatenate(tabular), np.concatenate(keywords)
+
+
+def decoded_patients(
+    z: np.ndarray, labels: np.ndarray, data: ProcessedDataset, images: np.ndarray, tabular: np.ndarray,
+    keywords: np.ndarray,
+) -> list[DecodedPatient]:
+    names = [f["name"] for f in data.meta.get("tabular_features", [])]
+    return [
+        DecodedPatient(
+            patient_id=patient_id(i),
+            class_name=data.class_names[int(label)],
+            channels=images[i],
+            features={name: float(value) for name, value in zip(names, tabular[i], strict=True)},
+            term_probabilities=term_probabilities(keywords[i], data.vocabulary),
+            latent_digest=latent_digest(z[i]),
+        )
+        for i, label in enumerate(labels)
+    ]
+
+
+def _privacy(
+    data: ProcessedDataset, z: np.ndarray, images: np.ndarray, real: dict[str, np.ndarray], n_pairs: int
+) -> dict[str, Any]:
+    """Privacy reports in the latent space and in image space (decoded channels against the processed images of
+    the patients that have one; left out when the training or held-out split has no image)."""
+    train, held_out = data.indices("train"), np.concatenate([data.indices("val"), data.indices("test")])
+    synthetic_ids = [patient_id(i) for i in range(len(z))]
+    patient_ids = data.arrays["patient_id"]
+    reports = {
+        "fused latent z": privacy_report(
+            "fused latent z", z, real["train"], np.concatenate([real["val"], real["test"]]), synthetic_ids,
+            list(patient_ids[train]), n_pairs),
+    }
+    has_image = data.arrays["modality_present"][:, 0].astype(bool)
+    image_train, image_held_out = train[has_image[train]], held_out[has_image[held_out]]
+    if len(image_train) and len(image_held_out):
+        reports["image"] = privacy_report(
+            "image", images, data.arrays["image"][image_train], data.arrays["image"][image_held_out],
+            synthetic_ids, list(patient_ids[image_train]), n_pairs)
+    return reports
 
 
 def run_generate(
     params: Params, processed_dir: Path, model_dir: Path, synthetic_dir: Path, report_dir: Path
 ) -> GenerateResult:
+    """Sample, decode, measure (quality, privacy, TSTR), export the drop and write the data card.
+
+    Raises ``FileNotFoundError`` without processed data or model, ``ValueError`` when a class has no
+    ``cohort.condition_icd10`` code or a decoded lab's coding disagrees with ``ingest.lab_loinc``/``lab_units``.
+    """
     config = params.generate
     data = load_processed(processed_dir)
     model = MedDiffModel.from_pretrained(model_dir)
+    settings = ExportSettings.from_params(params, data.meta)
     generator = torch.Generator().manual_seed(params.seed)
     labels = np.repeat(np.arange(data.n_classes), config.n_per_class)
     sampled = model.sample_latents(
@@ -132,27 +165,53 @@ def run_generate(
     agreement = {
         name: float((predicted[labels == c] == c).mean()) for c, name in enumerate(data.class_names)
     }
-    real_test = encode_latents(model, data, data.indices("test"))
-    real_val = encode_latents(model, data, data.indices("val"))
-    metrics = {
+    real = {split: encode_latents(model, data, data.indices(split)) for split in ("train", "val", "test")}
+    images, tabular, keywords = decode(model, z, data)
+    privacy = _privacy(data, z, images, real, config.n_closest_pairs)
+    tstr = tstr_report(z, labels, real["train"], data.arrays["label"][data.indices("train")], real["test"],
+                       data.arrays["label"][data.indices("test")], data.n_classes, config.n_bootstrap, params.seed)
+    metrics: dict[str, Any] = {
         "n_synthetic": len(labels),
+        "n_per_class": {name: int((labels == c).sum()) for c, name in enumerate(data.class_names)},
         "class_agreement": float((predicted == labels).mean()),
         "class_agreement_per_class": agreement,
-        "frechet_distance": frechet_distance(z, real_test),
-        "frechet_distance_real_floor": frechet_distance(real_val, real_test),
-        "mmd": mmd(z, real_test, params.seed),
-        "mmd_real_floor": mmd(real_val, real_test, params.seed),
+        "frechet_distance": frechet_distance(z, real["test"]),
+        "frechet_distance_real_floor": frechet_distance(real["val"], real["test"]),
+        "mmd": mmd(z, real["test"], params.seed),
+        "mmd_real_floor": mmd(real["val"], real["test"], params.seed),
         "space": "fused patient latent z",
+        "privacy": {space: report.summary() for space, report in privacy.items()},
+        "tstr": tstr,
+    }
+    pairs = {space: [dataclasses.asdict(p) for p in report.closest_pairs] for space, report in privacy.items()}
+    how = {
+        "model": f"meddiff latent diffusion from `{model_dir}`",
+        "sampler": f"DDIM, {config.num_inference_steps} steps, classifier-free guidance scale {config.guidance_scale}, "
+                   f"seed {params.seed}, {config.n_per_class} patients per class",
+        "image": "the image decoder's brain-window channel mapped back to HU through preprocess.hu_window; air "
+                 "outside the decoded brain mask; written as a DERIVED\\SECONDARY CT series",
+        "labs and demographics": "tabular decoder, training-split scaler inverted; birth date = ingest.reference_date "
+                                 "− decoded age",
+        "note": "a fixed template listing the RadLex/clinical terms the keyword decoder gives probability ≥ 0.5",
+        "diagnosis": "the class the sample was conditioned on, as a FHIR Condition (cohort.condition_icd10)",
     }
     with atomic_dir(synthetic_dir) as staging:
-        _write_records(model, z, labels, data, staging)
-    Path(report_dir).mkdir(parents=True, exist_ok=True)
-    write_json(Path(report_dir) / "metrics.json", metrics)
-    with atomic_file(Path(report_dir) / "latents.npz", "wb") as handle:
-        np.savez(handle, synthetic=z, synthetic_labels=labels, real_test=real_test)
+        summary = export_drop(decoded_patients(z, labels, data, images, tabular, keywords), settings, staging)
+        metrics["export"] = dataclasses.asdict(summary)
+        card = data_card(metrics, pairs, how)
+        (staging / DROP_README).write_text(card, encoding="utf-8")
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    write_json(report_dir / "metrics.json", metrics)
+    write_json(report_dir / "privacy_pairs.json", pairs)
+    with atomic_file(report_dir / DATA_CARD, "w") as handle:
+        handle.write(card)
+    with atomic_file(report_dir / "latents.npz", "wb") as handle:
+        np.savez(handle, synthetic=z, synthetic_labels=labels, real_test=real["test"])
     LOG.info(
-        "generated %d patients: class agreement %.3f, FD %.3f (real floor %.3f)",
+        "generated %d patients: class agreement %.3f, FD %.3f (real floor %.3f), TSTR/TRTR %.3f, MI AUC %.3f (latent)",
         len(labels), metrics["class_agreement"], metrics["frechet_distance"], metrics["frechet_distance_real_floor"],
+        tstr["tstr_over_trtr"]["value"], privacy["fused latent z"].membership_inference_auc,
     )
     return GenerateResult(
         synthetic_dir=str(synthetic_dir),
@@ -160,4 +219,6 @@ def run_generate(
         class_agreement=metrics["class_agreement"],
         frechet_distance=metrics["frechet_distance"],
         frechet_distance_real_floor=metrics["frechet_distance_real_floor"],
+        tstr_over_trtr=tstr["tstr_over_trtr"]["value"],
+        membership_inference_auc_latent=privacy["fused latent z"].membership_inference_auc,
     )

@@ -3,8 +3,9 @@
 Each encoder turns its input into a sequence of tokens of width ``d_model`` (what cross-attention
 fusion attends over) and one modality latent ``h_i`` (the fusion query for that modality):
 
-* :class:`ImageEncoder`: 3-D CNN with residual blocks (MONAI ``ResidualUnit``); its last feature map
-  becomes region tokens, one per cell of a coarse voxel grid, so attributions map back to voxels;
+* :class:`ImageEncoder`: a small 3-D CNN over the density channels of the brain
+  (:data:`meddiff.data.brain.IMAGE_CHANNELS`); the latent is a max over brain cells (a small lesion
+  can decide), the region tokens sit on the half-resolution grid so attributions map back to voxels;
 * :class:`TextEncoder`: a transformer encoder (BERT architecture) built from config, eager attention
   so that attention weights can be read for token attributions;
 * :class:`TabularEncoder`: a feature tokenizer (one token per EHR feature, FT-Transformer style) and
@@ -14,16 +15,18 @@ fusion attends over) and one modality latent ``h_i`` (the fusion query for that 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-#: The image backbone downsamples twice by 2: the stem convolution and the first residual unit; later
-#: units keep the resolution. The region-token grid is the input divided by their product.
-STEM_STRIDE = 2
-FIRST_UNIT_STRIDE = 2
+#: Each level after the first halves the grid by max pooling; the region tokens sit on the grid of the
+#: first pooled level (the finest grid with more than one convolution of context).
+POOL = 2
+TOKEN_LEVEL = 1
+#: stands in for -inf outside the brain before the max (finite: no NaN in the backward pass)
+OUTSIDE_BRAIN = -1e4
 
 
 @dataclass
@@ -33,49 +36,104 @@ class EncodedModality:
     latent: torch.Tensor  # (B, d)
 
 
+def _conv(c_in: int, c_out: int) -> nn.Sequential:
+    """3³ convolution (no bias: BatchNorm follows), BatchNorm, ReLU. BatchNorm, not instance norm: the
+    absolute density of a lesion is the signal, per-scan normalisation would erase it."""
+    return nn.Sequential(nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU())
+
+
 class ImageEncoder(nn.Module):
-    """3-D residual CNN: (B, 1, D, H, W) → region tokens on a (D/4, H/4, W/4) grid plus a latent.
+    """A small 3-D CNN over (B, C, D, H, W) brain channels (issue 10, ``docs/model.md``).
+
+    ``channels`` [c0, c1, ...]: a stem convolution (C → c0) at the full grid, then per further level a max
+    pooling by 2 and two convolutions. With ``brain_channel`` set, the input is zeroed outside the brain
+    mask held in that channel first, so nothing outside the brain can reach the output.
+
+    * latent ``h_image`` (B, d): max over the brain cells of the deepest level (a lesion a few voxels
+      wide decides; a mean over the brain dilutes it), dropout ``latent_dropout``, linear to d (zeros for
+      an image without brain);
+    * tokens (B, T, d), T = prod(:attr:`grid`): one per cell of the first pooled level (``spatial_size``
+      / 2: 8×8×12 mm on the default grid, against 24 mm cells before), its features concatenated with
+      the deepest level's (upsampled), projected to d, plus a per-axis position embedding; tokens outside
+      the brain are masked (the fusion cannot attend to air or skull).
 
     Raises:
-        ValueError: fewer than two channel levels, or a side not divisible by the downsampling (4).
+        ValueError: fewer than two channel levels, or a side not divisible by the total pooling.
     """
 
-    def __init__(self, spatial_size: tuple[int, int, int], channels: list[int], d_model: int, dropout: float):
+    def __init__(
+        self,
+        spatial_size: tuple[int, int, int],
+        channels: list[int],
+        d_model: int,
+        dropout: float,
+        in_channels: int = 1,
+        brain_channel: int | None = None,
+        latent_dropout: float | None = None,
+    ):
         super().__init__()
-        from monai.networks.blocks import ResidualUnit
-
         if len(channels) < 2:
             raise ValueError(f"image_channels needs at least two levels, got {channels}")
-        unit_strides = [FIRST_UNIT_STRIDE, *[1] * (len(channels) - 2)]  # one residual unit per level after the stem
-        #: voxels per region token along each axis
-        self.downsampling = STEM_STRIDE * math.prod(unit_strides)
+        #: voxels per cell of the deepest level along each axis
+        self.downsampling = POOL ** (len(channels) - 1)
         if any(side % self.downsampling for side in spatial_size):
             raise ValueError(f"spatial_size must be divisible by {self.downsampling}, got {spatial_size}")
-        layers: list[nn.Module] = [
-            nn.Conv3d(1, channels[0], kernel_size=3, stride=STEM_STRIDE, padding=1),
-            nn.InstanceNorm3d(channels[0], affine=True),
-            nn.PReLU(),
-        ]
-        for (c_in, c_out), stride in zip(itertools.pairwise(channels), unit_strides, strict=True):
-            layers.append(
-                ResidualUnit(
-                    spatial_dims=3, in_channels=c_in, out_channels=c_out, strides=stride,
-                    subunits=2, norm="INSTANCE", dropout=dropout,
-                )
-            )
-        self.backbone = nn.Sequential(*layers)
-        self.grid = tuple(side // self.downsampling for side in spatial_size)
-        n_tokens = self.grid[0] * self.grid[1] * self.grid[2]
-        self.project = nn.Linear(channels[-1], d_model)
-        self.position = nn.Parameter(torch.zeros(1, n_tokens, d_model))
-        nn.init.trunc_normal_(self.position, std=0.02)
-        self.to_latent = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_model))
+        if brain_channel is not None and not -in_channels <= brain_channel < in_channels:
+            raise ValueError(f"brain_channel {brain_channel} is not one of the {in_channels} input channels")
+        self.brain_channel = brain_channel
+        self.stem = _conv(in_channels, channels[0])
+        self.levels = nn.ModuleList(
+            nn.Sequential(_conv(c_in, c_out), _conv(c_out, c_out)) for c_in, c_out in itertools.pairwise(channels)
+        )
+        #: the region-token grid (cells of POOL**TOKEN_LEVEL voxels per side)
+        self.grid = tuple(side // POOL**TOKEN_LEVEL for side in spatial_size)
+        token_features = channels[TOKEN_LEVEL] + (channels[-1] if len(channels) - 1 > TOKEN_LEVEL else 0)
+        self.project = nn.Linear(token_features, d_model)
+        self.position = nn.ParameterList(nn.Parameter(torch.zeros(n, d_model)) for n in self.grid)
+        for table in self.position:
+            nn.init.trunc_normal_(table, std=0.02)
+        self.latent_dropout = nn.Dropout(dropout if latent_dropout is None else latent_dropout)
+        self.to_latent = nn.Linear(channels[-1], d_model)
+
+    def brain_mask(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) float: the brain channel > 0.5, or ones when the input has no brain channel."""
+        if self.brain_channel is None:
+            return torch.ones_like(image[:, :1])
+        return (image[:, self.brain_channel : self.brain_channel + 1] > 0.5).to(image.dtype)
+
+    def _position(self) -> torch.Tensor:
+        """(T, d) position embedding: the sum of one learned row per axis (few parameters on a fine grid)."""
+        d, h, w = (table for table in self.position)
+        return (d[:, None, None] + h[None, :, None] + w[None, None, :]).flatten(0, 2)
+
+    def absent(self, image: torch.Tensor) -> EncodedModality:
+        """What :meth:`forward` returns for an image the model may not use: zero tokens (all masked) and a
+        zero latent, without running the network."""
+        batch, n_tokens = image.shape[0], self.grid[0] * self.grid[1] * self.grid[2]
+        d_model = self.to_latent.out_features
+        tokens = image.new_zeros(batch, n_tokens, d_model)
+        return EncodedModality(tokens, torch.zeros(batch, n_tokens, dtype=torch.bool, device=image.device),
+                               image.new_zeros(batch, d_model))
 
     def forward(self, image: torch.Tensor) -> EncodedModality:
-        features = self.backbone(image)  # (B, C, d, h, w)
-        tokens = self.project(features.flatten(2).transpose(1, 2)) + self.position  # (B, T, d)
-        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return EncodedModality(tokens, mask, self.to_latent(tokens.mean(dim=1)))
+        brain = self.brain_mask(image)
+        features = self.stem(image * brain)
+        levels = []
+        for level in self.levels:
+            features = level(F.max_pool3d(features, POOL))
+            levels.append(features)
+        deepest = levels[-1]  # (B, C, d, h, w)
+        brain_deep = F.adaptive_max_pool3d(brain, deepest.shape[2:]) > 0  # a cell touching the brain
+        has_brain = brain_deep.flatten(1).any(dim=1, keepdim=True)
+        pooled = deepest.masked_fill(~brain_deep, OUTSIDE_BRAIN).flatten(2).amax(dim=-1)  # (B, C)
+        pooled = torch.where(has_brain, pooled, torch.zeros_like(pooled))
+        latent = self.to_latent(self.latent_dropout(pooled))
+
+        fine = levels[TOKEN_LEVEL - 1]
+        parts = [fine] if deepest is fine else [fine, F.interpolate(deepest, size=fine.shape[2:], mode="nearest")]
+        tokens = self.project(torch.cat(parts, dim=1).flatten(2).transpose(1, 2)) + self._position()  # (B, T, d)
+        token_mask = (F.adaptive_max_pool3d(brain, fine.shape[2:]) > 0).flatten(1)  # (B, T)
+        return EncodedModality(tokens, token_mask, latent)
 
 
 class TextEncoder(nn.Module):

@@ -51,6 +51,8 @@ class ModelSpec:
     model: ModelConfig
     diffusion: DiffusionConfig
     modalities: tuple[str, ...] = MODALITIES  # the modalities this model may use
+    image_in_channels: int = 1  # channels of the processed image (meta['image_channels'])
+    image_brain_channel: int | None = None  # which of them is the brain mask (None: the whole volume)
 
     def to_dict(self) -> dict:
         payload = asdict(self)
@@ -71,6 +73,8 @@ class ModelSpec:
             model=ModelConfig.model_validate(payload["model"]),
             diffusion=DiffusionConfig.model_validate(payload["diffusion"]),
             modalities=tuple(payload.get("modalities", MODALITIES)),
+            image_in_channels=int(payload.get("image_in_channels", 1)),
+            image_brain_channel=payload.get("image_brain_channel"),
         )
 
 
@@ -90,7 +94,10 @@ class MedDiffModel(nn.Module):
         cfg = spec.model
         d = cfg.d_model
         self.spec = spec
-        self.image_encoder = ImageEncoder(spec.spatial_size, list(cfg.image_channels), d, cfg.dropout)
+        self.image_encoder = ImageEncoder(
+            spec.spatial_size, list(cfg.image_channels), d, cfg.dropout, in_channels=spec.image_in_channels,
+            brain_channel=spec.image_brain_channel, latent_dropout=cfg.image_latent_dropout,
+        )
         self.text_encoder = TextEncoder(
             spec.vocab_size, spec.max_note_tokens, d, cfg.text_layers, cfg.text_heads, cfg.dropout
         )
@@ -110,7 +117,7 @@ class MedDiffModel(nn.Module):
             nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, spec.n_classes)
         )
         self.diffusion = LatentDiffusion(d, spec.n_classes, spec.diffusion, n_channels=N_LATENT_CHANNELS)
-        self.image_decoder = ImageDecoder(d, spec.spatial_size)
+        self.image_decoder = ImageDecoder(d, spec.spatial_size, out_channels=spec.image_in_channels)
         self.tabular_decoder = TabularDecoder(d, spec.n_tabular, cfg.tabular_hidden)
         self.keyword_decoder = KeywordDecoder(d, spec.vocab_size)
         n_terms = len(load_terms())
@@ -162,7 +169,10 @@ class MedDiffModel(nn.Module):
         latent of each absent modality is inpainted by the latent diffusion model from the present
         ones. Modalities outside ``spec.modalities`` are never used."""
         modality_present = modality_present & self.allowed_modalities
-        image = self.image_encoder(batch["image"])
+        if "image" in self.spec.modalities:
+            image = self.image_encoder(batch["image"])
+        else:  # a model that may not use the image skips its CNN (the costliest encoder): same shapes, all masked
+            image = self.image_encoder.absent(batch["image"])
         text, text_attentions = self.text_encoder(batch["token_ids"], batch["token_mask"], output_attentions)
         tabular = self.tabular_encoder(batch["tabular"], batch["tabular_missing"])
         encoded = (image, text, tabular)

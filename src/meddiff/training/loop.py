@@ -1,8 +1,8 @@
 """The training loop (proposal §3.3): adaptive multimodal training, readable top to bottom.
 
-Sample modality masks, forward, L = λ_diff·L_diff + λ_cls·L_cls + λ_recon·L_recon, backward, clip,
-step, warm-up + cosine schedule; validation AUC each epoch with early stopping; the best epoch's
-weights are kept.
+Augment the images (random flips and shifts, :mod:`.augmentation`), sample modality masks, forward,
+L = λ_diff·L_diff + λ_cls·L_cls + λ_recon·L_recon, backward, clip, step, warm-up + cosine schedule;
+validation AUC each epoch with early stopping; the best epoch's weights are kept.
 
 Robustness of the run itself:
 
@@ -31,18 +31,21 @@ from tqdm.auto import tqdm
 
 from meddiff.config import Params, TrainConfig
 from meddiff.data.batches import iterate_batches
+from meddiff.data.brain import BRAIN_MASK_CHANNEL, IMAGE_CHANNELS
 from meddiff.data.dataset import ProcessedDataset
 from meddiff.metrics import classification_metrics
 from meddiff.model.inference import predict_proba
 from meddiff.model.multimodal import MedDiffModel, ModelSpec
 from meddiff.model.ontology import token_term_index
+from meddiff.training.augmentation import augment_images
 from meddiff.training.checkpoint import load_training_state, save_training_state
 from meddiff.training.masking import sample_modality_mask
 from meddiff.training.objective import LOSS_TERMS, TrainingObjective, class_weights
-from meddiff.training.seeding import NOISE_SEED_OFFSET, seed_everything
+from meddiff.training.seeding import AUGMENT_SEED_OFFSET, NOISE_SEED_OFFSET, seed_everything
 
 LOG = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
+BRAIN_MASK = IMAGE_CHANNELS[BRAIN_MASK_CHANNEL]
 BEST_DIR = "best"
 
 
@@ -77,14 +80,20 @@ class Distributed:
 def resolve_device(config: TrainConfig) -> torch.device:
     """``train.device`` as a torch device (``auto``: CUDA when available).
 
+    Under ``torchrun`` each process takes the GPU of its ``LOCAL_RANK`` (one process per GPU on a node),
+    so data-parallel ranks on one node never share a device.
+
     Raises:
         RuntimeError: ``cuda`` asked for and none available.
     """
     if config.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
 
 
 def init_distributed(device: torch.device) -> Distributed:
@@ -110,10 +119,18 @@ def build_model(data: ProcessedDataset, params: Params) -> MedDiffModel:
         model=params.train.model,
         diffusion=params.train.diffusion,
         modalities=tuple(params.train.modalities),
+        image_in_channels=int(data.arrays["image"].shape[1]),
+        image_brain_channel=image_brain_channel(data),
     )
     model = MedDiffModel(spec)
     model.set_token_terms(token_term_index(data.vocabulary, spec.vocab_size))
     return model
+
+
+def image_brain_channel(data: ProcessedDataset) -> int | None:
+    """Index of the brain-mask channel of the processed image (``meta['image_channels']``), or None."""
+    names = list(data.meta.get("image_channels", []))
+    return names.index(BRAIN_MASK) if BRAIN_MASK in names else None
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
@@ -174,6 +191,7 @@ def train_model(
         torch.set_num_threads(config.num_threads)
     mask_generator = torch.Generator().manual_seed(params.seed + dist.rank)
     noise_generator = torch.Generator(device=device).manual_seed(params.seed + NOISE_SEED_OFFSET + dist.rank)
+    augment_generator = torch.Generator().manual_seed(params.seed + AUGMENT_SEED_OFFSET + dist.rank)
 
     model = build_model(data, params).to(device)
     train_index = data.indices("train")
@@ -200,6 +218,8 @@ def train_model(
         schedule.load_state_dict(saved["schedule"])
         mask_generator.set_state(saved["mask_generator"])
         noise_generator.set_state(saved["noise_generator"].to(noise_generator.get_state().device))
+        if "augment_generator" in saved:  # states written before augmentation existed lack it
+            augment_generator.set_state(saved["augment_generator"])
         torch.set_rng_state(saved["torch_rng"])
         state = LoopState(**saved["loop"])
         LOG.info("resuming from %s at epoch %d step %d", checkpoint_dir, state.epoch, state.step_in_epoch)
@@ -213,6 +233,7 @@ def train_model(
                 "schedule": schedule.state_dict(),
                 "mask_generator": mask_generator.get_state(),
                 "noise_generator": noise_generator.get_state().cpu(),
+                "augment_generator": augment_generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "loop": state.__dict__,
             })
@@ -226,6 +247,10 @@ def train_model(
         batches = iterate_batches(data, order[state.step_in_epoch * config.batch_size :], config.batch_size,
                                   shuffle=False, device=device)
         for batch in batches:
+            if config.augment_flip_p > 0 or config.augment_max_shift_voxels > 0:
+                image, _ = augment_images(batch["image"].cpu(), augment_generator, config.augment_flip_p,
+                                          config.augment_max_shift_voxels)
+                batch["image"] = image.to(device)
             allowed = model.allowed_modalities.cpu()
             # A masked modality is presented to the model as absent.
             masked_present = sample_modality_mask(batch["modality_present"].cpu() & allowed, p, mask_generator)

@@ -7,6 +7,7 @@ data-parallel training every rank adds its rank to the seeds of its streams: ``s
 
 * global RNGs (weight initialisation, dropout) and the modality masks: ``seed + rank``;
 * the diffusion noise of L_diff (t, ε, class dropout): ``seed + NOISE_SEED_OFFSET + rank``;
+* the image augmentation (flips, shifts): ``seed + AUGMENT_SEED_OFFSET + rank``;
 * the latent-diffusion refinement (its noise and its batch order; rank 0 only): ``seed + REFINE_SEED_OFFSET``.
 
 The epoch order is ``numpy.random.default_rng([seed, epoch])``, a separate stream by construction.
@@ -21,6 +22,7 @@ import torch
 
 NOISE_SEED_OFFSET = 1000
 REFINE_SEED_OFFSET = 2000
+AUGMENT_SEED_OFFSET = 3000
 
 
 def seed_everything(seed: int) -> None:

@@ -1,16 +1,18 @@
 """Imaging -> one ``image_series`` record per DICOM series or BraTS case, written to interim as NIfTI.
 
 DICOM files are read in a pool of forked workers (headers in chunks, then one series per task,
-:mod:`meddiff.data.dicom`); a series must have one PatientID, one StudyInstanceUID and an accepted
-modality. Assembled volumes are written as NIfTI-1 (RAS, mm) under a pseudonymous UID and their
-reference header is de-identified (DICOM PS3.15 Annex E Basic Profile, :mod:`meddiff.data.deid`).
-BraTS cases (:mod:`meddiff.data.nifti`) give one channel as the image and the segmentation as its mask.
+:mod:`meddiff.data.dicom`); a series must have one PatientID, one StudyInstanceUID and a modality of
+``ingest.accepted_modalities`` (CT and MR by default); a truncated file is its series' reason before any
+other. Nothing a worker meets in one series (a bad header value, a decoder error) stops the stage: it
+quarantines that series with the error. Assembled volumes are written as NIfTI-1 (RAS, mm) under a
+pseudonymous UID and their reference header is de-identified (DICOM PS3.15 Annex E Basic Profile,
+:mod:`meddiff.data.deid`). BraTS cases (:mod:`meddiff.data.nifti`) give one channel as the image and the
+segmentation as its mask.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -20,17 +22,30 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 
-from meddiff.data.deid import Pseudonymizer, deidentify_dataset
-from meddiff.data.dicom import FileProblem, SeriesError, SliceHeader, load_series, read_headers
+from meddiff.data.deid import Pseudonymizer, deidentify_dataset, person_names
+from meddiff.data.dicom import (
+    FileProblem,
+    SeriesError,
+    SliceHeader,
+    load_series,
+    read_headers,
+    series_file_problem,
+)
 from meddiff.data.nifti import CaseError, load_brats_case
 from meddiff.data.quarantine import Ledger, Record
 from meddiff.data.validation import RECORD_ID
 
-ACCEPTED_MODALITIES = ("CT",)
+#: the modality whose intensities are Hounsfield units (checked by the series suite)
+CT = "CT"
+#: BraTS cases are MR (co-registered MR channels)
+MR = "MR"
 #: columns of the image series table (one row per assembled series or case)
-SERIES_COLUMNS = [RECORD_ID, "patient_id", "series_uid", "n_slices", "hu_min", "hu_max", "shape", "affine",
-                  "spacing_mm", "header", "names", "mask_file"]
+SERIES_COLUMNS = [RECORD_ID, "patient_id", "series_uid", "modality", "n_slices", "hu_min", "hu_max", "shape",
+                  "affine", "spacing_mm", "header", "mask_file"]
+#: a 3x3 whose columns are this close to orthogonal (cosine) is a rotation with zooms: qform can hold it
+ORTHOGONAL_ATOL = 1e-6
 #: the columns the image series suite validates (:func:`meddiff.data.validation.series_rules`)
 SERIES_VALIDATED_COLUMNS = [RECORD_ID, "patient_id", "series_uid", "n_slices", "hu_min", "hu_max"]
 #: files per header-reading task (amortises the worker round trip)
@@ -39,10 +54,24 @@ HEADER_CHUNK_FILES = 64
 HEADER_BULK_DATA_BYTES = 4096
 
 
+def is_orthogonal(affine: np.ndarray) -> bool:
+    """Whether the voxel axes of ``affine`` are perpendicular (no shear): what a NIfTI qform can encode."""
+    columns = np.asarray(affine, dtype=float)[:3, :3]
+    unit = columns / np.linalg.norm(columns, axis=0)
+    return bool(np.allclose(unit.T @ unit, np.eye(3), atol=ORTHOGONAL_ATOL))
+
+
 def save_nifti(data: np.ndarray, affine: np.ndarray, target: Path) -> None:
-    """A fresh NIfTI-1 header (nothing copied from the source's descrip/aux_file/db_name)."""
+    """A fresh NIfTI-1 header (nothing copied from the source's descrip/aux_file/db_name).
+
+    sform holds ``affine``; qform holds it too when it has no shear, else qform_code is 0 (a qform is a
+    rotation with zooms: a sheared affine would give qform readers another geometry).
+    """
     image = nib.Nifti1Image(data, affine)
-    image.set_qform(affine, code=1)
+    if is_orthogonal(affine):
+        image.set_qform(affine, code=1)
+    else:
+        image.set_qform(None, code=0)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
     nib.save(image, target)
@@ -65,27 +94,38 @@ class SeriesTask:
 
 
 def _assemble_series(task: SeriesTask) -> dict[str, Any]:
-    """Worker: load one series, write it as NIfTI (RAS); de-identify its header; return a row or the error."""
+    """Worker: load one series, write it as NIfTI (RAS); de-identify its header; return a row or the error.
+
+    Any error in this one series (a value pydicom cannot convert, a decoder failure) is returned as the
+    series' quarantine reason, never raised: one bad file does not stop the stage.
+    """
     try:
-        volume = load_series(task.headers)
+        return _assembled(task)
     except SeriesError as error:
         return {"series_uid": task.series_uid, "error": (error.reason, error.message)}
-    save_nifti(volume.hu.astype(np.float32), volume.affine, task.target)
+    except Exception as error:  # pydicom/decoders raise many types on one odd file: it is that series' problem
+        return {"series_uid": task.series_uid,
+                "error": ("unreadable_dicom", f"cannot assemble the series: {type(error).__name__}: {error}")}
+
+
+def _assembled(task: SeriesTask) -> dict[str, Any]:
+    volume = load_series(task.headers)
+    modality = task.headers[0].modality
     header_json = None
-    names: tuple[str, ...] = ()
     if volume.reference is not None:
         reference = volume.reference
-        patient_name = str(reference.get("PatientName", "") or "")
-        names = tuple(p for p in re.split(r"[\^=]", patient_name) if p.strip())
+        names = person_names(reference)
         deidentify_dataset(reference, Pseudonymizer(task.key, task.max_date_shift_days),
-                           str(reference.get("PatientID", "")))
+                           str(reference.get("PatientID", "") or ""), names)
         header_json = reference.to_json_dict(bulk_data_threshold=HEADER_BULK_DATA_BYTES,
                                              bulk_data_element_handler=lambda _: "")
+    save_nifti(volume.hu.astype(np.float32), volume.affine, task.target)
+    is_ct = modality == CT
     return {
-        "series_uid": task.series_uid, "error": None, "n_slices": int(volume.hu.shape[2]),
-        "hu_min": float(volume.hu.min()), "hu_max": float(volume.hu.max()),
+        "series_uid": task.series_uid, "error": None, "modality": modality, "n_slices": int(volume.hu.shape[2]),
+        "hu_min": float(volume.hu.min()) if is_ct else None, "hu_max": float(volume.hu.max()) if is_ct else None,
         "shape": list(volume.hu.shape), "affine": volume.affine.tolist(),
-        "spacing_mm": [float(s) for s in volume.spacing_mm], "header": header_json, "names": names,
+        "spacing_mm": [float(s) for s in volume.spacing_mm], "header": header_json,
     }
 
 
@@ -96,21 +136,28 @@ def _map(pool: Pool | None, function: Callable[[Any], Any], items: Iterable[Any]
 
 def _series_headers(
     raw_dir: Path, files: list[Path], ledger: Ledger, pool: Pool | None,
-) -> dict[str, list[SliceHeader]]:
-    """Slice headers grouped by SeriesInstanceUID; an unreadable file is a quarantined ``file`` record."""
+) -> tuple[dict[str, list[SliceHeader]], dict[str, tuple[str, ...]]]:
+    """Slice headers grouped by SeriesInstanceUID (an unreadable file is a quarantined ``file`` record), and
+    the person names of every readable header by PatientID, rejected files included (to scrub notes)."""
     chunks = [files[i : i + HEADER_CHUNK_FILES] for i in range(0, len(files), HEADER_CHUNK_FILES)]
     series: dict[str, list[SliceHeader]] = defaultdict(list)
+    names: dict[str, dict[str, None]] = defaultdict(dict)
     for batch in _map(pool, read_headers, chunks):
         for item in batch:
+            if item.patient_id:
+                names[item.patient_id].update(dict.fromkeys(item.names))
             if isinstance(item, FileProblem):
                 ledger.quarantine(ledger.add_file(item.path, raw_dir), item.reason, item.message)
             else:
                 series[item.series_instance_uid].append(item)
-    return series
+    return series, {patient: tuple(found) for patient, found in names.items()}
 
 
-def _series_problem(members: list[SliceHeader]) -> tuple[str, str] | None:
-    """Why a series is not assembled (reason, message), or ``None``."""
+def _series_problem(members: list[SliceHeader], accepted_modalities: tuple[str, ...]) -> tuple[str, str] | None:
+    """Why a series is not assembled (reason, message), or ``None``; a truncated file wins over the rest."""
+    truncated = series_file_problem(members)
+    if truncated is not None:
+        return truncated
     patient_ids = {h.patient_id for h in members}
     studies = {h.study_instance_uid for h in members}
     modalities = sorted({h.modality for h in members})
@@ -118,22 +165,27 @@ def _series_problem(members: list[SliceHeader]) -> tuple[str, str] | None:
         return "inconsistent_patient", f"series mixes {len(patient_ids)} PatientIDs"
     if len(studies) > 1:
         return "inconsistent_study", f"series spans {len(studies)} StudyInstanceUIDs"
-    if not set(modalities) <= set(ACCEPTED_MODALITIES):
-        return "unsupported_modality", f"Modality {modalities}, expected {list(ACCEPTED_MODALITIES)}"
+    if len(modalities) > 1:
+        return "inconsistent_modality", f"series mixes Modality {modalities}"
+    if not set(modalities) <= set(accepted_modalities):
+        return "unsupported_modality", (f"Modality {modalities}, expected one of {list(accepted_modalities)} "
+                                        "(ingest.accepted_modalities)")
     return None
 
 
 def ingest_dicom(
     raw_dir: Path, files: list[Path], images_dir: Path, ledger: Ledger, workers: int, pseudo: Pseudonymizer,
-) -> tuple[list[dict[str, Any]], dict[str, Record]]:
-    """DICOM files -> series rows (``SERIES_COLUMNS``) and records by SeriesInstanceUID.
+    accepted_modalities: tuple[str, ...] = (CT, MR),
+) -> tuple[list[dict[str, Any]], dict[str, Record], dict[str, tuple[str, ...]]]:
+    """DICOM files -> series rows (``SERIES_COLUMNS``), records by SeriesInstanceUID and the person names
+    of every readable header by PatientID (accepted or not: they are scrubbed from that patient's notes).
 
     Assembled series are written to ``images_dir`` as ``<pseudonymous UID>.nii.gz``; ``workers > 1``
     reads and assembles in that many forked processes.
     """
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        series = _series_headers(raw_dir, sorted(files), ledger, pool)
+        series, names = _series_headers(raw_dir, sorted(files), ledger, pool)
         records: dict[str, Record] = {}
         tasks = []
         for series_uid, members in sorted(series.items()):
@@ -143,7 +195,7 @@ def ingest_dicom(
                                        patient_id=min(h.patient_id for h in members) or None,
                                        files=tuple(dict.fromkeys(h.path for h in members))))
             records[series_uid] = record
-            problem = _series_problem(members)
+            problem = _series_problem(members, accepted_modalities)
             if problem is not None:
                 ledger.quarantine(record, *problem)
             else:
@@ -161,7 +213,26 @@ def ingest_dicom(
         if pool is not None:
             pool.close()
             pool.join()
-    return rows, records
+    return rows, records, names
+
+
+def keep_preferred_modality(series: pd.DataFrame, accepted_modalities: tuple[str, ...],
+                            ledger: Ledger) -> pd.DataFrame:
+    """One modality per patient: of a patient's assembled series, those of the first modality listed in
+    ``accepted_modalities`` stay; the others are quarantined as ``multiple_series`` (one image per patient).
+    Series of one modality are left to the series suite (several CT series of a patient are ambiguous)."""
+    if series.empty:
+        return series
+    rank = {modality: i for i, modality in enumerate(accepted_modalities)}
+    order = series["modality"].map(lambda m: rank.get(m, len(rank)))
+    best = order.groupby(series["patient_id"], dropna=False).transform("min")
+    dropped = series[order > best]
+    for record_id, patient_id, modality in dropped[[RECORD_ID, "patient_id", "modality"]].itertuples(index=False):
+        preferred = accepted_modalities[int(best[series[RECORD_ID] == record_id].iloc[0])]
+        ledger.quarantine(ledger.get("image_series", record_id), "multiple_series",
+                          f"patient {patient_id} has a {preferred} series, which ingest.accepted_modalities lists "
+                          f"before {modality}: this {modality} series is not used (one image per patient)")
+    return series[order <= best].reset_index(drop=True)
 
 
 def ingest_nifti(
@@ -188,9 +259,9 @@ def ingest_nifti(
         save_nifti(case.image, case.affine, images_dir / interim_image_name(pseudo, series_uid))
         mask_file = f"{pseudo.uid(series_uid)}.mask.nii.gz"
         save_nifti(case.mask, case.affine, images_dir / mask_file)
-        rows.append({RECORD_ID: record.record_id, "patient_id": case_id, "series_uid": series_uid,
+        rows.append({RECORD_ID: record.record_id, "patient_id": case_id, "series_uid": series_uid, "modality": MR,
                      "n_slices": int(case.image.shape[2]), "hu_min": None, "hu_max": None,
                      "shape": list(case.image.shape), "affine": case.affine.tolist(),
                      "spacing_mm": [float(v) for v in nib.affines.voxel_sizes(case.affine)],
-                     "header": None, "names": (), "mask_file": mask_file})
+                     "header": None, "mask_file": mask_file})
     return rows, records

@@ -11,7 +11,8 @@ patient who is not in the manifest is an ``orphan_record`` (:func:`quarantine_or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,12 @@ from meddiff.io import write_json
 
 MANIFEST_FILE = "manifest.parquet"
 HEADERS_DIR = "headers"
+#: the site of a patient whose Patient names no managingOrganization (most exports): a subgroup of its own
+UNKNOWN_SITE = "unknown"
+#: manifest column: contrast (HU) of the patient's masked lesion to the surrounding brain, NaN without one
+LESION_CONTRAST = "lesion_contrast_hu"
+#: the synthetic drop's provenance file and its lesion ledger (``meddiff cohort`` writes both)
+COHORT_LEDGER, LESION_LEDGER_KEY = "cohort.json", "lesions"
 #: how far a mask's affine may differ from its image's (mm) and still be the same grid
 AFFINE_TOLERANCE_MM = 1e-3
 #: record kinds that never belong to a patient's modalities (the Patient itself, stray files)
@@ -64,6 +71,8 @@ class ManifestInputs:
     series: pd.DataFrame
     identifiers: dict[str, PatientIdentifiers]  # FHIR Patient record id -> names to scrub from notes
     mask_paths: list[Path]
+    #: raw PatientID -> person names of every readable DICOM header of that patient, rejected series included
+    dicom_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,7 @@ class Modalities:
 def manifest_columns(labs: list[str]) -> list[str]:
     """The manifest's columns, in order (one float column per lab, NaN when not measured)."""
     return ["patient_id", "site", "label", "age", "sex", *labs, "note", "image_path", "series_instance_uid",
-            "has_image", "has_note", "has_labs", "mask_path"]
+            "has_image", "has_note", "has_labs", "mask_path", "image_modality", LESION_CONTRAST]
 
 
 def _accepted(frame: pd.DataFrame, accepted_ids: set[str]) -> pd.DataFrame:
@@ -143,7 +152,8 @@ def _lab_columns(patient_id: str, lab_values: pd.DataFrame, labs: list[str], has
 def place_image(series: pd.Series, pseudonym: str, context: ManifestContext) -> dict[str, Any]:
     """Move the patient's assembled image (and BraTS mask) to its pseudonymous name; keep its header.
 
-    Returns the manifest's ``image_path``, ``series_instance_uid`` (pseudonymous) and ``mask_path``.
+    Returns the manifest's ``image_path``, ``series_instance_uid`` (pseudonymous), ``mask_path`` and
+    ``image_modality`` (DICOM Modality: ``CT`` or ``MR``; preprocess scales intensities by it).
     """
     interim, uid = context.interim, context.pseudo.uid(series["series_uid"])
     target = interim.images / f"{pseudonym}.nii.gz"
@@ -154,15 +164,33 @@ def place_image(series: pd.Series, pseudonym: str, context: ManifestContext) -> 
     if isinstance(series["mask_file"], str):
         (interim.images / series["mask_file"]).replace(interim.masks / f"{pseudonym}.nii.gz")
         mask_path = f"masks/{pseudonym}.nii.gz"
-    return {"image_path": str(target.relative_to(interim.root)), "series_instance_uid": uid, "mask_path": mask_path}
+    return {"image_path": str(target.relative_to(interim.root)), "series_instance_uid": uid, "mask_path": mask_path,
+            "image_modality": series["modality"]}
+
+
+def lesion_contrasts(raw_dir: Path) -> dict[str, float]:
+    """Raw patient id -> contrast (HU) of its masked lesion to the surrounding brain, from the lesion ledger
+    of the drop's ``cohort.json`` (the synthetic cohort's own record; explanations are scored on lesions a
+    reader could see). Empty for a drop without that ledger (real data: the column stays NaN)."""
+    path = Path(raw_dir) / COHORT_LEDGER
+    if not path.is_file():
+        return {}
+    try:
+        ledger = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    entries = ledger.get(LESION_LEDGER_KEY, []) if isinstance(ledger, dict) else []
+    return {str(entry["patient_id"]): float(entry["contrast_hu"]) for entry in entries
+            if isinstance(entry, dict) and "patient_id" in entry and "contrast_hu" in entry}
 
 
 def _identifiers(patient_id: str, record_id: str, identifiers: dict[str, PatientIdentifiers],
-                 series: pd.Series | None) -> PatientIdentifiers:
-    """What to scrub from the patient's note: the FHIR Patient's identifiers and the DICOM PatientName."""
+                 dicom_names: dict[str, tuple[str, ...]]) -> PatientIdentifiers:
+    """What to scrub from the patient's note: the FHIR Patient's identifiers and every person name in the
+    patient's DICOM headers (whether or not its series was accepted)."""
     who = identifiers.get(record_id, PatientIdentifiers(patient_id))
-    if series is not None and isinstance(series["names"], tuple | list) and series["names"]:
-        who = who.merged(PatientIdentifiers(patient_id, names=tuple(series["names"])))
+    if dicom_names.get(patient_id):
+        who = who.merged(PatientIdentifiers(patient_id, names=dicom_names[patient_id]))
     return who
 
 
@@ -246,13 +274,15 @@ def assemble_manifest(inputs: ManifestInputs, context: ManifestContext) -> pd.Da
             continue
         pseudonym = context.pseudo.pseudonym(str(patient_id))
         series = series_ok.loc[patient_id] if modalities.has_image else None
-        who = _identifiers(str(patient_id), patient[RECORD_ID], inputs.identifiers, series)
+        who = _identifiers(str(patient_id), patient[RECORD_ID], inputs.identifiers, inputs.dicom_names)
         rows.append({
-            "patient_id": pseudonym, "raw_id": patient_id, "site": patient["site"], "label": labels[patient_id],
-            "age": cap_age(float(patient["age"]), context.max_age), "sex": patient["sex"],
+            "patient_id": pseudonym, "raw_id": patient_id, "label": labels[patient_id],
+            "site": patient["site"] if isinstance(patient["site"], str) and patient["site"] else UNKNOWN_SITE,
+            "age": cap_age(float(patient["age"]) if patient["age"] is not None else np.nan, context.max_age),
+            "sex": patient["sex"],
             **_lab_columns(patient_id, lab_values, context.labs, modalities.has_labs),
             **(place_image(series, pseudonym, context) if series is not None
-               else {"image_path": None, "series_instance_uid": None, "mask_path": None}),
+               else {"image_path": None, "series_instance_uid": None, "mask_path": None, "image_modality": None}),
             "note": deidentify_text(note_text[patient_id], who) if modalities.has_note else None,
             "has_image": modalities.has_image, "has_note": modalities.has_note, "has_labs": modalities.has_labs,
         })
@@ -265,6 +295,8 @@ def assemble_manifest(inputs: ManifestInputs, context: ManifestContext) -> pd.Da
     written_masks = attach_lesion_masks(inputs.mask_paths, series_ok, pseudonym_of, context)
     if written_masks:
         manifest["mask_path"] = manifest["patient_id"].map(written_masks).fillna(manifest["mask_path"])
+    contrast = manifest["raw_id"].map(lesion_contrasts(context.raw_dir)).astype(float)
+    manifest[LESION_CONTRAST] = contrast.where(manifest["mask_path"].notna())
     quarantine_orphans(ledger, in_manifest)
     for leftover in context.interim.images.glob("2.25.*"):  # still under its pseudonymous UID: not kept
         leftover.unlink()

@@ -14,7 +14,13 @@ import pandas as pd
 from meddiff.config import Params
 from meddiff.data.deid import Pseudonymizer, resolve_key
 from meddiff.data.ingest.ehr import read_ehr
-from meddiff.data.ingest.imaging import SERIES_COLUMNS, SERIES_VALIDATED_COLUMNS, ingest_dicom, ingest_nifti
+from meddiff.data.ingest.imaging import (
+    SERIES_COLUMNS,
+    SERIES_VALIDATED_COLUMNS,
+    ingest_dicom,
+    ingest_nifti,
+    keep_preferred_modality,
+)
 from meddiff.data.ingest.inventory import Inventory, take_inventory
 from meddiff.data.ingest.manifest import (
     MANIFEST_FILE,
@@ -71,17 +77,20 @@ def _checked_class_names(params: Params) -> list[str]:
 
 
 def _read_imaging(params: Params, raw_dir: Path, found: Inventory, images_dir: Path, ledger: Ledger,
-                  pseudo: Pseudonymizer) -> pd.DataFrame:
-    """DICOM series and BraTS cases -> the image series table (``SERIES_COLUMNS``); NIfTI written to images_dir."""
+                  pseudo: Pseudonymizer) -> tuple[pd.DataFrame, dict[str, tuple[str, ...]]]:
+    """DICOM series and BraTS cases -> the image series table (``SERIES_COLUMNS``; NIfTI written to images_dir)
+    and the person names of every readable DICOM header by PatientID."""
     started = time.perf_counter()
     config = params.ingest
-    dicom_rows, dicom_records = ingest_dicom(raw_dir, found.dicom, images_dir, ledger,
-                                             _worker_count(config.num_workers), pseudo)
+    dicom_rows, dicom_records, dicom_names = ingest_dicom(raw_dir, found.dicom, images_dir, ledger,
+                                                          _worker_count(config.num_workers), pseudo,
+                                                          tuple(config.accepted_modalities))
     nifti_rows, nifti_records = ingest_nifti(raw_dir, found.nifti_cases, images_dir, ledger, config.brats_channel,
                                              pseudo)
     LOG.info("ingest: %d DICOM files -> %d series, %d NIfTI cases (%.1f s)", len(found.dicom),
              len(dicom_records), len(nifti_records), time.perf_counter() - started)
-    return pd.DataFrame(dicom_rows + nifti_rows, columns=SERIES_COLUMNS)
+    series = pd.DataFrame(dicom_rows + nifti_rows, columns=SERIES_COLUMNS)
+    return keep_preferred_modality(series, tuple(config.accepted_modalities), ledger), dicom_names
 
 
 def run_ingest(
@@ -118,14 +127,15 @@ def run_ingest(
         for directory in (layout.images, layout.masks, layout.headers):
             directory.mkdir()
         # imaging first: worker processes fork before great-expectations is imported
-        series = _read_imaging(params, raw_dir, found, layout.images, ledger, pseudo)
+        series, dicom_names = _read_imaging(params, raw_dir, found, layout.images, ledger, pseudo)
         ehr = read_ehr(found.ndjson, found.bundles, found.csv, raw_dir, ledger)
         tables = (
-            TableSpec("patient", patient_table(ehr.items["patient"], config, reference_date),
+            TableSpec("patient", patient_table(ehr.items["patient"], config, reference_date, ledger),
                       patient_rules(config.age_range)),
-            TableSpec("observation", observation_table(ehr.items["observation"], config),
+            TableSpec("observation", observation_table(ehr.items["observation"], config, ledger),
                       observation_rules(config.lab_ranges, config.lab_units)),
-            TableSpec("condition", condition_table(ehr.items["condition"], config), condition_rules(class_names)),
+            TableSpec("condition", condition_table(ehr.items["condition"], config, ledger),
+                      condition_rules(class_names)),
             TableSpec("note", note_table(found.notes, ehr.items["note"], raw_dir, ledger),
                       note_rules(config.min_note_chars)),
             TableSpec("image_series", series[SERIES_VALIDATED_COLUMNS], series_rules()),
@@ -136,7 +146,8 @@ def run_ingest(
         manifest = assemble_manifest(
             ManifestInputs(patients=frames["patient"], observations=frames["observation"],
                            conditions=frames["condition"], notes=frames["note"], series=series,
-                           identifiers=patient_identifiers(ehr.items["patient"]), mask_paths=found.masks),
+                           identifiers=patient_identifiers(ehr.items["patient"]), mask_paths=found.masks,
+                           dicom_names=dicom_names),
             ManifestContext(ledger, pseudo, layout, raw_dir, list(config.lab_units), config.deid_max_age),
         )
         manifest.to_parquet(interim / MANIFEST_FILE, index=False)

@@ -23,7 +23,7 @@ from meddiff.data.ingest.ehr import CSV
 from meddiff.data.quarantine import Ledger, Record
 from meddiff.data.validation import RECORD_ID, Rule, TableValidation, TableValidator
 
-PATIENT_COLUMNS = [RECORD_ID, "patient_id", "sex", "birth_date", "age", "site"]
+PATIENT_COLUMNS = [RECORD_ID, "patient_id", "sex", "birth_date", "birth_date_invalid", "age", "site"]
 OBSERVATION_COLUMNS = [RECORD_ID, "observation_id", "patient_id", "loinc", "lab", "raw_value", "unit", "value"]
 CONDITION_COLUMNS = [RECORD_ID, "condition_id", "patient_id", "icd10", "label"]
 
@@ -52,20 +52,30 @@ def validate_tables(specs: Sequence[TableSpec], ledger: Ledger) -> dict[str, Tab
     return validations
 
 
-def _ehr_table(items: EhrItems, columns: list[str], from_fhir: RowParser, from_csv: RowParser) -> pd.DataFrame:
-    """One row per item, parsed by its source format; each record learns its patient from its row."""
+def _ehr_table(items: EhrItems, columns: list[str], from_fhir: RowParser, from_csv: RowParser,
+               ledger: Ledger) -> pd.DataFrame:
+    """One row per item, parsed by its source format; each record learns its patient from its row.
+
+    The parsers read every JSON shape they know; an item they still cannot read (an unexpected type deep
+    in a resource) is quarantined as ``invalid_resource`` with the error, and the other items go on.
+    """
     rows = []
     for record, resource, fmt in items:
-        row = from_csv(resource) if fmt == CSV else from_fhir(resource)
+        try:
+            row = from_csv(resource) if fmt == CSV else from_fhir(resource)
+        except (AttributeError, TypeError, ValueError, KeyError) as error:
+            ledger.quarantine(record, "invalid_resource", f"cannot read the resource: {type(error).__name__}: {error}")
+            continue
         record.patient_id = row["patient_id"]
         rows.append({RECORD_ID: record.record_id, **row})
     return pd.DataFrame(rows, columns=columns)
 
 
-def patient_table(items: EhrItems, config: IngestConfig, reference_date: datetime.date) -> pd.DataFrame:
+def patient_table(items: EhrItems, config: IngestConfig, reference_date: datetime.date,
+                  ledger: Ledger) -> pd.DataFrame:
     """Patients (``PATIENT_COLUMNS``): age in years at ``reference_date``; MIMIC rows get ``config.mimic_site``."""
     return _ehr_table(items, PATIENT_COLUMNS, lambda resource: patient_row(resource, reference_date),
-                      lambda row: ehr_csv.patient_row(row, config.mimic_site))
+                      lambda row: {**ehr_csv.patient_row(row, config.mimic_site), "birth_date_invalid": None}, ledger)
 
 
 def patient_identifiers(items: EhrItems) -> dict[str, PatientIdentifiers]:
@@ -73,7 +83,7 @@ def patient_identifiers(items: EhrItems) -> dict[str, PatientIdentifiers]:
     return {record.record_id: identifiers_from_patient(resource) for record, resource, fmt in items if fmt != CSV}
 
 
-def observation_table(items: EhrItems, config: IngestConfig) -> pd.DataFrame:
+def observation_table(items: EhrItems, config: IngestConfig, ledger: Ledger) -> pd.DataFrame:
     """Lab results (``OBSERVATION_COLUMNS``) in canonical units, plus one value column per lab.
 
     The per-lab columns let a range rule see only its own lab (the other labs' rows are NaN there).
@@ -82,13 +92,13 @@ def observation_table(items: EhrItems, config: IngestConfig) -> pd.DataFrame:
     lab_by_itemid = {item: lab for lab, items in config.mimic_lab_itemids.items() for item in items}
     frame = _ehr_table(items, OBSERVATION_COLUMNS,
                        lambda resource: observation_row(resource, lab_by_loinc, config.lab_units),
-                       lambda row: ehr_csv.lab_row(row, lab_by_itemid, config.lab_units))
+                       lambda row: ehr_csv.lab_row(row, lab_by_itemid, config.lab_units), ledger)
     for lab in config.lab_units:
         frame[lab] = frame["value"].where(frame["lab"] == lab).astype(float)
     return frame
 
 
-def condition_table(items: EhrItems, config: IngestConfig) -> pd.DataFrame:
+def condition_table(items: EhrItems, config: IngestConfig, ledger: Ledger) -> pd.DataFrame:
     """Diagnoses (``CONDITION_COLUMNS``): ICD-10 code and the class ``config.icd10_to_class`` maps it to."""
     return _ehr_table(items, CONDITION_COLUMNS, lambda resource: condition_row(resource, config.icd10_to_class),
-                      lambda row: ehr_csv.condition_row(row, config.icd10_to_class))
+                      lambda row: ehr_csv.condition_row(row, config.icd10_to_class), ledger)

@@ -1,0 +1,86 @@
+"""The data card of a synthetic drop (issue 12): what it holds, how it was made, how good, how private,
+how useful; in the spirit of "Datasheets for Datasets" (Gebru et al. 2021), one Markdown page.
+
+Written as ``reports/generate/data_card.md`` and as ``README.md`` in the synthetic folder (a provenance
+file that ``meddiff ingest`` skips).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NOT_FOR_CLINICAL_USE = "**Synthetic — not for clinical use.** No record in this drop describes a real patient."
+
+
+def _interval(value: dict[str, float]) -> str:
+    return f"{value['value']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
+
+
+def _privacy_rows(privacy: dict[str, dict[str, Any]]) -> list[str]:
+    rows = ["| space | NN distance ratio (synthetic→train / held-out→train, medians) | synthetic closer than held-out "
+            "p1 | membership-inference AUC |", "|---|---|---|---|"]
+    for space, report in privacy.items():
+        rows.append(f"| {space} | {report['distance_ratio']:.3f} ({report['median_synthetic_to_train']:.3g} / "
+                    f"{report['median_held_out_to_train']:.3g}) | {report['n_closer_than_p1']} of "
+                    f"{report['n_synthetic']} ({report['fraction_closer_than_p1']:.1%}) | "
+                    f"{report['membership_inference_auc']:.3f} |")
+    return rows
+
+
+def _pair_rows(pairs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    rows = ["| space | synthetic | nearest training patient | distance | held-out patients nearer to train |",
+            "|---|---|---|---|---|"]
+    for space, listed in pairs.items():
+        rows += [f"| {space} | {p['synthetic_id']} | {p['train_id']} | {p['distance']:.3g} | "
+                 f"{p['held_out_percentile']:.1f} % |" for p in listed]
+    return rows
+
+
+def data_card(metrics: dict[str, Any], pairs: dict[str, list[dict[str, Any]]], how: dict[str, Any]) -> str:
+    """The card as Markdown, from ``metrics.json``'s content, the closest pairs per space and ``how`` (model,
+    sampler, seed, export settings as strings)."""
+    per_class = metrics["n_per_class"]
+    export = metrics["export"]
+    tstr = metrics["tstr"]
+    quality_rows = [
+        "| measure | synthetic | real floor |", "|---|---|---|",
+        f"| Fréchet distance, fused latent z (synthetic vs real test; floor: real val vs real test) | "
+        f"{metrics['frechet_distance']:.2f} | {metrics['frechet_distance_real_floor']:.2f} |",
+        f"| MMD, fused latent z | {metrics['mmd']:.4f} | {metrics['mmd_real_floor']:.4f} |",
+        f"| class agreement (the model's classifier head calls the sampled class) | "
+        f"{metrics['class_agreement']:.3f} | — |",
+    ]
+    quality_rows += [f"| class agreement, {name} | {value:.3f} | — |"
+                     for name, value in metrics["class_agreement_per_class"].items()]
+    lines = [
+        "# Data card: meddiff synthetic patients", "", NOT_FOR_CLINICAL_USE, "",
+        "## Contents", "",
+        f"{metrics['n_synthetic']} synthetic patients (head CT, labs, note, diagnosis), "
+        f"{export['n_dicom_files']} DICOM files, FHIR R4 resources: "
+        + ", ".join(f"{count} {kind}" for kind, count in export["resources"].items()) + ".", "",
+        "| class | patients |", "|---|---|",
+        *(f"| {name} | {count} |" for name, count in per_class.items()), "",
+        "Layout (the raw layout `meddiff ingest` reads, docs/data.md): `imaging/<patient>/<study>/<series>/<n>.dcm` "
+        "(CT Image Storage, DERIVED\\SECONDARY, marked SYNTHETIC), `ehr/{Patient,Observation,Condition,"
+        "DocumentReference}.ndjson` (FHIR R4; every resource tagged synthetic in `meta.tag` and HTEST in "
+        "`meta.security`). Notes are in the DocumentReferences.", "",
+        "## How it was generated", "",
+        *(f"- {key}: {value}" for key, value in how.items()), "",
+        f"- lab values clipped to `ingest.lab_ranges`: {export['n_lab_values_clipped']}", "",
+        "## Quality", "", *quality_rows, "",
+        "## Privacy", "",
+        "Training = the model's training split; held-out = validation + test (never seen in training). "
+        "Targets (issue 12): no synthetic patient closer to a training patient than the 1st percentile of "
+        "held-out→train distances; membership-inference AUC ≤ 0.6.", "",
+        *_privacy_rows(metrics["privacy"]), "",
+        "Closest synthetic→training pairs:", "", *_pair_rows(pairs), "",
+        "Not done: differentially private training (DP-SGD); these figures are empirical, not a guarantee.", "",
+        "## Usefulness (train on synthetic, test on real)", "",
+        f"{tstr['classifier']}; real test split (n = {tstr['n_test']}); macro AUC with 95 % bootstrap intervals.", "",
+        "| trained on | n | macro AUC on real test |", "|---|---|---|",
+        f"| synthetic (TSTR) | {tstr['n_synthetic_train']} | {_interval(tstr['tstr_auc_macro'])} |",
+        f"| real training split (TRTR) | {tstr['n_real_train']} | {_interval(tstr['trtr_auc_macro'])} |",
+        f"| ratio TSTR / TRTR (target ≥ 0.9) | | {_interval(tstr['tstr_over_trtr'])} |", "",
+        NOT_FOR_CLINICAL_USE, "",
+    ]
+    return "\n".join(lines)
