@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +76,19 @@ def raw_identifiers(raw_dir: Path) -> list[str]:
     )
 
 
+#: Inline images in HTML/SVG reports: base64 text, which spells any short string by chance.
+DATA_URI = re.compile(r"data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+")
+
+
 def readable_text(path: Path) -> str:
-    """Every string a file holds, whatever its format (parquet and npz decoded, ``.gz`` unpacked)."""
+    """Every string a file holds, whatever its format (parquet and npz decoded, ``.gz`` unpacked, inline
+    base64 images of HTML/SVG left out: an identifier drawn into an image is not text)."""
     path = Path(path)
+    with path.open("rb") as handle:
+        head = handle.read(256).lstrip().lower()
+    # KFP stores an HTML artefact under the bare name of its output (no suffix): sniff the content too
+    if path.suffix in {".html", ".htm", ".svg"} or head.startswith((b"<!doctype html", b"<html", b"<svg")):
+        return DATA_URI.sub("", path.read_text(encoding="utf-8", errors="replace"))
     if path.suffix == ".parquet":
         return pd.read_parquet(path).to_csv()
     if path.suffix == ".npz":

@@ -58,10 +58,31 @@ def validation_report(summary: dict[str, Any], manifest: pd.DataFrame, ignored_e
     }
 
 
+#: Keys of a great-expectations result that list the failing rows themselves (raw record ids such as
+#: ``note/P00007`` and raw values): they belong in the quarantine, never in a report.
+GX_ROW_KEYS = frozenset({
+    "partial_unexpected_index_list", "unexpected_index_list", "unexpected_index_query",
+    "partial_unexpected_list", "unexpected_list", "partial_unexpected_counts",
+})
+
+
+def without_rows(node: Any) -> Any:
+    """A GX result without the keys of :data:`GX_ROW_KEYS`, at any depth (counts and percentages stay)."""
+    if isinstance(node, dict):
+        return {k: without_rows(v) for k, v in node.items() if k not in GX_ROW_KEYS}
+    if isinstance(node, list):
+        return [without_rows(v) for v in node]
+    return node
+
+
 def write_report(report_dir: Path, payload: dict[str, Any], validations: dict[str, TableValidation]) -> None:
-    """Write ``validation.json``, ``validation.html`` and ``gx/<table>.json`` into ``report_dir``."""
+    """Write ``validation.json``, ``validation.html`` and ``gx/<table>.json`` into ``report_dir``.
+
+    The GX results keep their counts but not the failing rows (:func:`without_rows`): those rows carry
+    raw identifiers, and each rejected record is already in the quarantine with its reason.
+    """
     (report_dir / "gx").mkdir()
     for table, validation in validations.items():
-        write_json(report_dir / "gx" / f"{table}.json", validation.result_json)
+        write_json(report_dir / "gx" / f"{table}.json", without_rows(validation.result_json))
     write_json(report_dir / "validation.json", payload)
     (report_dir / "validation.html").write_text(html_summary(payload, validations), encoding="utf-8")
