@@ -52,7 +52,7 @@ def _ingest_imaging(raw: Path, files: list[Path], workers: int) -> float:
 
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        rows, _ = ingest_dicom(raw, files, Path(scratch), Ledger(), workers, Pseudonymizer(b"b" * 32))
+        rows, _, _ = ingest_dicom(raw, files, Path(scratch), Ledger(), workers, Pseudonymizer(b"b" * 32))
         seconds = time.perf_counter() - started
     assert rows, "no series assembled"
     return len(files) / seconds
