@@ -35,6 +35,7 @@ def setup_experiment(config: TrackingConfig) -> str:
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(config)
+    _create_sqlite_store_atomically(uri, config)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     experiment = client.get_experiment_by_name(config.experiment)
@@ -45,6 +46,27 @@ def setup_experiment(config: TrackingConfig) -> str:
         # A local store: keep artifacts in the configured folder rather than MLflow's default ./mlruns.
         artifact_location = Path(config.artifact_location).resolve().as_uri()
     return client.create_experiment(config.experiment, artifact_location=artifact_location)
+
+
+def _create_sqlite_store_atomically(uri: str, config: TrackingConfig) -> None:
+    """Create a new sqlite store beside its target and rename it in once its schema is complete.
+
+    MLflow creates and migrates a new sqlite store in place; a process killed mid-migration leaves a
+    store that no later run can open ("out-of-date database schema"), found by the crash-safety test.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    target = Path(uri.removeprefix("sqlite:///"))
+    if target.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    staging.unlink(missing_ok=True)
+    store = SqlAlchemyStore(f"sqlite:///{staging}", Path(config.artifact_location).resolve().as_uri())
+    store.engine.dispose()
+    os.replace(staging, target)
 
 
 def git_commit() -> str:
