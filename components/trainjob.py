@@ -58,8 +58,8 @@ TRAIN_MODULE_ARGS: tuple[str, ...] = ("-m", "meddiff.cli", "train")
 TRAINJOB_IMAGE_ENV = "MEDDIFF_TRAINJOB_IMAGE"
 #: Environment variables passed from the train task to every node when set there (no secrets).
 FORWARDED_ENV: tuple[str, ...] = ("MLFLOW_TRACKING_URI", "MEDDIFF_DATA_VERSION", "MEDDIFF_GIT_COMMIT")
-#: Keys of the credentials Secret given to every node as optional ``secretKeyRef`` variables; the same
-#: keys as every pipeline task (``meddiff_pipelines.pipeline.CREDENTIAL_KEYS``, a test checks both agree).
+#: Keys of the credentials Secret: every pipeline task gets them as environment variables
+#: (``meddiff_pipelines.pipeline`` imports this list) and every TrainJob node as optional ``secretKeyRef``s.
 CREDENTIAL_KEYS: tuple[str, ...] = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",

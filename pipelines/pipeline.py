@@ -40,6 +40,7 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 from meddiff_components.stages import build_components
+from meddiff_components.trainjob import CREDENTIAL_KEYS  # the Secret's keys: one list for tasks and TrainJob nodes
 from meddiff_pipelines.trainjob import configure_launcher, launches_trainjob, task_resources
 
 from meddiff.config import Params, PipelineConfig
@@ -56,13 +57,6 @@ PIPELINE_DESCRIPTION = (
 #: Default Kubernetes Secret (``pipeline.credentials_secret``) whose keys become environment variables of
 #: every task (optional: a missing Secret or key leaves the variable unset). Template: infra/README.md.
 CREDENTIALS_SECRET = PipelineConfig().credentials_secret
-CREDENTIAL_KEYS: tuple[str, ...] = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-)
 #: Environment variables copied from the compiling environment into every task when set there.
 PASSTHROUGH_ENV: tuple[str, ...] = ("MLFLOW_TRACKING_URI",)
 #: Keys of the ConfigMap ``pipeline.config_map`` (optional) mapped to environment variables of every task

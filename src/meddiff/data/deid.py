@@ -33,7 +33,7 @@ import json
 import os
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,6 +252,28 @@ def _name_words(text: str) -> list[str]:
     return list(dict.fromkeys([*parts, *words, *([full] if len(parts) > 1 else [])]))
 
 
+def elements_with_vr(dataset: Any) -> Iterator[tuple[Any, Any, str]]:
+    """``(tag, element, VR)`` of every top-level element of ``dataset``, read without decoding values.
+
+    An element read without a VR (implicit VR files) or as UN takes the data dictionary's VR; private or
+    unknown tags without one are skipped. Callers recurse into ``SQ`` items themselves.
+    """
+    from pydicom.datadict import dictionary_VR
+    from pydicom.dataelem import RawDataElement
+
+    for tag in list(dataset.keys()):
+        element = dataset.get_item(tag)
+        if element is None:
+            continue
+        vr = element.VR
+        if vr is None or (isinstance(element, RawDataElement) and vr == "UN"):
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                continue
+        yield tag, element, vr
+
+
 def person_names(dataset: Any) -> tuple[str, ...]:
     """Every person name in a DICOM header (VR PN, nested sequences included), in every plausible reading.
 
@@ -260,18 +282,7 @@ def person_names(dataset: Any) -> tuple[str, ...]:
     :data:`NAME_ENCODINGS` alike; each reading's components and words are returned (for the note scrubber).
     """
     names: list[str] = []
-    for tag in list(dataset.keys()):
-        element = dataset.get_item(tag)
-        if element is None:
-            continue
-        vr = element.VR
-        if vr is None:
-            from pydicom.datadict import dictionary_VR
-
-            try:
-                vr = dictionary_VR(tag)
-            except KeyError:
-                continue
+    for tag, element, vr in elements_with_vr(dataset):
         if vr == "SQ":
             for item in dataset[tag].value or []:
                 names.extend(person_names(item))

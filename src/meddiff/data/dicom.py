@@ -42,12 +42,11 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from meddiff.data.deid import person_names
+from meddiff.data.deid import elements_with_vr, person_names
 from meddiff.data.geometry import ras_affine, slice_normal
 
 #: relative tolerance on slice spacing and pixel spacing agreement
@@ -184,16 +183,7 @@ def repair_numeric_strings(dataset: Any) -> list[tuple[str, str]]:
     those make the file unusable.
     """
     lost: list[tuple[str, str]] = []
-    for tag in list(dataset.keys()):
-        element = dataset.get_item(tag)
-        if element is None:
-            continue
-        vr = element.VR
-        if vr is None or (isinstance(element, RawDataElement) and vr in ("UN", None)):
-            try:
-                vr = dictionary_VR(tag)
-            except KeyError:
-                continue
+    for tag, element, vr in elements_with_vr(dataset):
         if vr == "SQ":
             for item in dataset[tag].value or []:
                 lost.extend(repair_numeric_strings(item))
