@@ -15,7 +15,7 @@ PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 help:
 	@echo "make run      set up .venv, then dvc repro the whole pipeline on the built-in cohort"
 	@echo "make test     set up .venv, then run the test suite"
-	@echo "make suite    ablations and baselines (trains ~9 models; after make run)"
+	@echo "make suite    ablations, baselines, 3 seeds each, claims table (~30 min on 2 cores; after make run)"
 	@echo "make lint     ruff + import-linter (layers contract)"
 	@echo "make compile  compile the Kubeflow pipeline to pipeline.yaml"
 	@echo "make images REGISTRY=host/path   build + push the CPU and CUDA stage images (needs a Docker engine)"
@@ -43,11 +43,13 @@ run: $(STAMP)
 	@echo "  reports/evaluate/metrics.json      AUC, F1, accuracy; robustness.csv (AUC vs masking)"
 	@echo "  reports/generate/metrics.json      synthetic-data quality"
 	@echo "  reports/explain/index.html         attributions and Dice against lesion masks"
+	@echo "  reports/predict/predictions.csv    the champion's probabilities for the new patients (data/raw_new)"
+	@echo "  reports/predict/risk_assessments.ndjson   the same as FHIR R4 RiskAssessments"
 	@echo "  MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db"
 
 suite: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro suite/dvc.yaml
-	@echo "Reports: reports/evaluate/suite.md, suite.html, summary.md"
+	@echo "Reports: reports/evaluate/suite.md, suite.html, summary.md, claims.md, claims.json"
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q

@@ -11,8 +11,11 @@ Trainer TrainJob on more), which does everything else:
 
 * parameters travel as one string, ``params_json`` (the validated :class:`meddiff.config.Params` as
   JSON), re-validated in the component;
-* ``data_version`` (the version of the data the run reads) is exported as ``$MEDDIFF_DATA_VERSION``
-  before the stage runs and returned with the result, so every task records which data it ran on;
+* ``ingest`` reads the drop named by the pipeline parameter ``raw_uri`` (``s3://``, ``dvc://``), or, when it
+  is "", the ``raw`` artifact of ``cohort`` (an optional input), and returns the content hash of what it
+  read as its output parameter ``data_version`` (:mod:`meddiff.data.drop`);
+* every later task receives that ``data_version``, exports it as ``$MEDDIFF_DATA_VERSION`` before the
+  stage runs (MLflow tags) and returns it with the result, so every task records which data it ran on;
 * data travels as KFP artifacts: each artifact's ``path`` is handed to the stage as the *folder* of the
   port of the same name in :data:`meddiff.stage_table.STAGES` (``raw`` → ``raw_dir``); the artifact
   types are the ports' kinds (a test checks every signature against the table);
@@ -30,7 +33,7 @@ import os
 from collections.abc import Callable
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output, OutputPath
 from kfp.dsl.python_component import PythonComponent
 
 import meddiff
@@ -67,27 +70,31 @@ def default_gpu_image(image: str | None = None) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def cohort(params_json: str, raw: Output[Dataset], data_version: str = "") -> dict:
+def cohort(params_json: str, raw: Output[Dataset]) -> dict:
     """Write the built-in synthetic cohort (DICOM, NIfTI masks, FHIR R4, notes) into ``raw``."""
     from meddiff.stages import run_component
 
-    return run_component("cohort", params_json, data_version, raw=raw)
+    return run_component("cohort", params_json, raw=raw)
 
 
 def ingest(
     params_json: str,
-    raw: Input[Dataset],
     interim: Output[Dataset],
     quarantine: Output[Dataset],
     report: Output[Artifact],
-    data_version: str = "",
+    data_version: OutputPath(str),
+    raw: Input[Dataset] = None,
+    raw_uri: str = "",
 ) -> dict:
-    """Read, de-identify and validate ``raw``; accepted records go to ``interim``, rejected ones to
-    ``quarantine``; ``report`` holds ``validation.json``."""
+    """Read the drop ``raw_uri`` (``s3://bucket/prefix``, ``dvc://<repo>?path=…&rev=…``) or, when it is "",
+    the ``raw`` artifact; de-identify and validate it; accepted records go to ``interim``, rejected ones to
+    ``quarantine``; ``report`` holds ``validation.json``; ``data_version`` receives the content hash of
+    the drop read."""
     from meddiff.stages import run_component
 
     return run_component(
-        "ingest", params_json, data_version, raw=raw, interim=interim, quarantine=quarantine, report=report
+        "ingest", params_json, uri=raw_uri, version_output=data_version, raw=raw, interim=interim,
+        quarantine=quarantine, report=report,
     )
 
 
@@ -138,15 +145,19 @@ def promote(
     processed: Input[Dataset],
     model: Input[Model],
     evaluation: Input[Artifact],
+    explanation: Input[Artifact],
+    data_card: Input[Artifact],
     report: Output[Artifact],
     data_version: str = "",
 ) -> dict:
     """The registry gate: alias ``champion`` moves to the evaluated version only if it beats the current
-    champion on the same test split; ``report`` holds ``decision.json``."""
+    champion on the same test split; ``report`` holds ``decision.json`` and the model card, filled from
+    ``evaluation``, ``explanation`` (the explain report) and ``data_card`` (the preprocess report)."""
     from meddiff.stages import run_component
 
     return run_component(
-        "promote", params_json, data_version, processed=processed, model=model, evaluation=evaluation, report=report
+        "promote", params_json, data_version, processed=processed, model=model, evaluation=evaluation,
+        explanation=explanation, data_card=data_card, report=report,
     )
 
 
@@ -185,7 +196,7 @@ STAGE_FUNCTIONS: dict[str, Callable[..., dict]] = {
     name: function
     for name, function in (
         ("cohort", cohort), ("ingest", ingest), ("preprocess", preprocess), ("train", train),
-        ("evaluate", evaluate), ("promote", promote), ("generate", generate), ("explain", explain),
+        ("evaluate", evaluate), ("generate", generate), ("explain", explain), ("promote", promote),
     )
 }
 if tuple(STAGE_FUNCTIONS) != PIPELINE_STAGES:

@@ -67,6 +67,9 @@ CREDENTIAL_KEYS: tuple[str, ...] = (
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
 )
+#: Labels of every pod of the pipeline (its tasks and TrainJob nodes): the NetworkPolicies of infra/ admit
+#: exactly these pods, from the pipeline's namespace, to MLflow and the object store (infra/README.md).
+PIPELINE_POD_LABELS: dict[str, str] = {"meddiff.io/pipeline-pod": "true"}
 #: The images run as this uid (docker/); the shared volume is group-writable for it through fsGroup.
 IMAGE_UID = 10001
 #: NCCL and DataLoader workers exchange tensors through /dev/shm, which is 64 MiB in a pod by default.
@@ -226,7 +229,9 @@ def _node_pod_patch(params: Params, run: SharedRun) -> RuntimePatch:
     )
     node_job = ReplicatedJobPatch(
         name=TRAINER_NODE,
-        template=JobTemplatePatch(spec=JobSpecPatch(template=PodTemplatePatch(spec=pod))),
+        template=JobTemplatePatch(
+            spec=JobSpecPatch(template=PodTemplatePatch(metadata={"labels": dict(PIPELINE_POD_LABELS)}, spec=pod))
+        ),
     )
     return RuntimePatch(
         training_runtime_spec=TrainingRuntimeSpecPatch(

@@ -8,9 +8,10 @@ The logic behind ``meddiff pipeline submit | schedule`` (the CLI only parses fla
 * :func:`schedule` does the same but creates a *recurring run*: a 6-field cron, ``max_concurrency=1``,
   no catch-up, so that missed slots never pile up into a burst of GPU jobs;
 
-Every run carries two pipeline parameters: ``params_json`` (the validated params) and ``data_version``
-(the DVC data version, a git rev, default the current commit), so it is reproducible from a commit plus
-params. Heavy imports (``kfp``) happen inside the functions.
+Every run carries two pipeline parameters: ``params_json`` (the validated params) and ``raw_uri`` (the
+raw drop to read, "" for the built-in cohort; default ``ingest.raw_uri``). The pipeline version is named
+after the commit; the data version is the content hash ingest computes from the drop it reads, recorded
+on every MLflow run. Heavy imports (``kfp``) happen inside the functions.
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ class Prepared:
             "host": self.endpoint.host, "experiment": self.experiment, "experiment_id": self.experiment_id,
             "pipeline_id": self.upload.pipeline_id, "pipeline_version": self.upload.pipeline_version,
             "pipeline_version_id": self.upload.pipeline_version_id,
-            "data_version": self.parameters["data_version"], "commit": self.commit,
+            "raw_uri": self.parameters["raw_uri"], "commit": self.commit,
         }
 
 
@@ -232,31 +233,39 @@ def _prepare(
     params: Params,
     endpoint: Endpoint,
     experiment: str | None,
-    data_version: str | None,
+    raw_uri: str | None,
     image: str | None,
     gpu_image: str | None,
+    retrain: bool = False,
 ) -> Prepared:
-    from meddiff_pipelines.pipeline import PIPELINE_DESCRIPTION, PIPELINE_NAME, compile_pipeline, params_to_json
+    """Compile (``retrain``: the ``meddiff-retrain`` pipeline, else ``meddiff``), upload, find the experiment."""
+    from meddiff_pipelines import pipeline as main_pipeline
+    from meddiff_pipelines import retrain as retrain_pipeline
 
     commit = git_commit()
-    data_version = data_version or commit
+    raw_uri = params.ingest.raw_uri if raw_uri is None else raw_uri
     experiment = experiment or params.pipeline.experiment
+    if retrain:
+        name, description = retrain_pipeline.RETRAIN_PIPELINE, retrain_pipeline.PIPELINE_DESCRIPTION
+        compile_spec = retrain_pipeline.compile_retrain_pipeline
+    else:
+        name, description = main_pipeline.PIPELINE_NAME, main_pipeline.PIPELINE_DESCRIPTION
+        compile_spec = main_pipeline.compile_pipeline
     with tempfile.TemporaryDirectory(prefix="meddiff-submit-") as staging:
-        package = compile_pipeline(
-            params, Path(staging) / "pipeline.yaml", image=image, gpu_image=gpu_image, data_version=data_version
-        )
+        package = compile_spec(params, Path(staging) / "pipeline.yaml", image=image, gpu_image=gpu_image,
+                               raw_uri=raw_uri)
         with _kfp_calls(endpoint):
             client = make_client(endpoint)
             found = client.create_experiment(name=experiment, namespace=endpoint.namespace or None)
             upload = ensure_pipeline_version(
                 client,
                 package,
-                PIPELINE_NAME,
+                name,
                 version_name(commit, package),
                 namespace=endpoint.namespace,
-                description=f"{PIPELINE_DESCRIPTION} Commit {commit}.",
+                description=f"{description} Commit {commit}.",
             )
-    parameters = {"params_json": params_to_json(params), "data_version": data_version}
+    parameters = {"params_json": main_pipeline.params_to_json(params), "raw_uri": raw_uri}
     return Prepared(endpoint, client, upload, found.experiment_id, experiment, commit, parameters)
 
 
@@ -270,7 +279,7 @@ class Filed:
     pipeline_id: str
     pipeline_version: str
     pipeline_version_id: str
-    data_version: str
+    raw_uri: str
     commit: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -289,19 +298,19 @@ def submit(
     namespace: str | None = None,
     experiment: str | None = None,
     run_name: str | None = None,
-    data_version: str | None = None,
+    raw_uri: str | None = None,
     image: str | None = None,
     gpu_image: str | None = None,
 ) -> Submitted:
     """Upload the pipeline compiled from ``params`` as a version named after the git commit and start
-    one run of it with ``params_json`` and ``data_version``.
+    one run of it with ``params_json`` and ``raw_uri``.
 
     Requests (KFP v2beta1 REST): ``GET /healthz`` (standalone installs), ``GET|POST /experiments``,
     ``GET|POST /pipelines``, ``GET /pipelines/{id}/versions``, ``POST /pipelines/upload_version``,
     ``POST /runs``.
     """
     endpoint = Endpoint.resolve(host, namespace, params)
-    prepared = _prepare(params, endpoint, experiment, data_version, image, gpu_image)
+    prepared = _prepare(params, endpoint, experiment, raw_uri, image, gpu_image)
     name = run_name or f"meddiff-{prepared.commit[:8]}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     with _kfp_calls(endpoint):
         run = prepared.client.run_pipeline(
@@ -333,11 +342,13 @@ def schedule(
     name: str = "meddiff-retraining",
     cron: str | None = None,
     replace: bool = False,
-    data_version: str | None = None,
+    raw_uri: str | None = None,
     image: str | None = None,
     gpu_image: str | None = None,
 ) -> Scheduled:
-    """A recurring run of the pipeline version for this commit: ``cron`` (default
+    """A recurring run of the ``meddiff-retrain`` pipeline version for this commit on the drop ``raw_uri``
+    (default ``ingest.raw_uri``; required): each run monitors the drop and retrains only when it drifted or
+    brought enough new labels (:mod:`meddiff_pipelines.retrain`). ``cron`` (default
     ``pipeline.schedule_cron``, 6 fields), one run at a time, no catch-up of missed slots.
 
     A recurring run of the same ``name`` in the experiment is an error (two schedules would train
@@ -346,7 +357,7 @@ def schedule(
     """
     cron = validate_cron(cron or params.pipeline.schedule_cron)
     endpoint = Endpoint.resolve(host, namespace, params)
-    prepared = _prepare(params, endpoint, experiment, data_version, image, gpu_image)
+    prepared = _prepare(params, endpoint, experiment, raw_uri, image, gpu_image, retrain=True)
     client = prepared.client
     with _kfp_calls(endpoint):
         listed = client.list_recurring_runs(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from meddiff.config import Params
-from meddiff.tracking import git_commit
+from meddiff.io import read_json
 
 #: Seconds the Docker engine has to answer before a Docker run or image build gives up.
 DOCKER_TIMEOUT_S = 5.0
@@ -54,7 +54,8 @@ class LocalRun:
     runner: str
     pipeline_root: str
     run_dir: str
-    data_version: str
+    raw_uri: str
+    data_version: str  # the content hash ingest computed ("" when the run has no ingest output)
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def run_local(
     params: Params,
     runner: Runner = "subprocess",
     pipeline_root: str | Path = "local_outputs",
-    data_version: str | None = None,
+    raw_uri: str | None = None,
     image: str | None = None,
     gpu_image: str | None = None,
     docker_timeout: float = DOCKER_TIMEOUT_S,
@@ -75,7 +76,8 @@ def run_local(
     ``subprocess``: every task in a subprocess of this interpreter (``SubprocessRunner(use_venv=False)``;
     images, resources and Kubernetes settings are ignored). ``docker``: every task in its image
     (``DockerRunner``), which must exist locally or be pullable; the engine is checked first and an
-    absent one stops the run at once with :class:`DockerUnavailableError`.
+    absent one stops the run at once with :class:`DockerUnavailableError`. ``raw_uri``: the drop to read
+    (default ``ingest.raw_uri``; "" runs the built-in cohort).
     """
     from kfp import local
     from meddiff_pipelines.pipeline import build_pipeline
@@ -92,7 +94,7 @@ def run_local(
         backend = local.DockerRunner(entrypoint=[""], user=f"{os.getuid()}:{os.getgid()}", working_dir=str(root))
     else:
         backend = local.SubprocessRunner(use_venv=False)
-    data_version = data_version or git_commit()
+    raw_uri = params.ingest.raw_uri if raw_uri is None else raw_uri
     local.init(runner=backend, pipeline_root=str(root), raise_on_error=True)
     before = set(root.iterdir()) if root.is_dir() else set()
     started = time.perf_counter()
@@ -100,7 +102,20 @@ def run_local(
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
         warnings.filterwarnings("ignore", message="Task .* have no effect in the current local runner")
-        build_pipeline(params, image=image, gpu_image=gpu_image, data_version=data_version)()
+        build_pipeline(params, image=image, gpu_image=gpu_image, raw_uri=raw_uri)(raw_uri=raw_uri)
     seconds = time.perf_counter() - started
     new = sorted(path for path in set(root.iterdir()) - before if path.is_dir())
-    return LocalRun(runner, str(root), str(new[-1]) if new else str(root), data_version, round(seconds, 1))
+    run_dir = new[-1] if new else root
+    return LocalRun(runner, str(root), str(run_dir), raw_uri, run_data_version(run_dir), round(seconds, 1))
+
+
+def run_data_version(run_dir: Path) -> str:
+    """The ``data_version`` output of the run's fetching task (``ingest``, or ``ingest-2`` in the raw-drop
+    branch), "" when there is none."""
+    from meddiff_pipelines.pipeline import DATA_VERSION_OUTPUT, FETCHING_STAGE
+
+    for output in sorted(Path(run_dir).glob(f"{FETCHING_STAGE}*/executor_output.json")):
+        if output.parent.name == FETCHING_STAGE or output.parent.name.startswith(f"{FETCHING_STAGE}-"):
+            # the task's result dict repeats its output parameter (kfp.local keeps that one in a file)
+            return str(read_json(output)["parameterValues"]["Output"].get(DATA_VERSION_OUTPUT, ""))
+    return ""

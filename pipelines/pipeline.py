@@ -2,9 +2,10 @@
 
 ::
 
-    cohort → ingest → preprocess → train ─┬→ evaluate → promote
-                                          ├→ generate
-                                          └→ explain
+    if raw_uri == "":   cohort → ingest → preprocess → train ─┬→ evaluate → promote
+                                                              ├→ generate
+                                                              └→ explain
+    else:                        ingest(raw_uri) → …the same…
 
 The graph is derived from the stage table (:data:`meddiff.stage_table.STAGES`): every stage input is
 wired to the output of the earlier stage that carries the same data, so the table is the one place
@@ -13,10 +14,20 @@ that says what runs after what, and what each task needs (resources, GPU, retrie
 Two pipeline parameters. ``params_json`` carries every hyperparameter: its default is the validated
 params (``params.yaml`` plus any ``--set`` overrides) as JSON, so a run started without arguments uses
 exactly the params the pipeline was compiled from, and a run can override the whole object.
-``data_version`` is the DVC data version (a git rev; default: the commit the pipeline is compiled at);
-every component exports it as ``$MEDDIFF_DATA_VERSION`` and returns it with its result, so a run is
-reproducible from a commit plus params. Data moves only through KFP artifacts (see
-:mod:`meddiff_components.stages`); ``params.paths`` is not used on the cluster.
+``raw_uri`` names the team's raw drop (``s3://bucket/prefix`` or ``dvc://<repo>?path=…&rev=…``, see
+:mod:`meddiff.data.drop`; default ``ingest.raw_uri`` of the params, "" in ``params.yaml``). The graph
+forks on it with ``dsl.If(raw_uri == "")`` / ``dsl.Else``: without a URI the ``cohort`` task writes the
+built-in cohort and ingest reads it; with one, ``cohort`` does not run and ingest fetches the drop. The
+stages from ingest on are the same tasks in both branches (built by one loop). The fork holds the whole
+chain because KFP cannot consume a task inside a ``dsl.If`` from outside it except through
+``dsl.OneOf``, which ``kfp.local`` 2.17 cannot run for artifacts ("Expected 1 artifact in
+ArtifactSelectorSpec"); one branch runs, so a run still has one task per stage.
+
+``data_version`` is no pipeline parameter: ingest returns the content hash of the drop it read (S3
+ETag manifest, DVC md5, or the hash of the cohort's files) as its output ``data_version``, and every
+later task exports it as ``$MEDDIFF_DATA_VERSION`` (MLflow run and model version tags) and returns it
+with its result. Data moves only through KFP artifacts (see :mod:`meddiff_components.stages`);
+``params.paths`` is not used on the cluster.
 
 Platform settings (``params.yaml`` ``pipeline``, plus the stage table): the training task requests
 one ``nvidia.com/gpu``, tolerates the GPU pool's ``nvidia.com/gpu:NoSchedule`` taint and must land on
@@ -40,18 +51,29 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 from meddiff_components.stages import build_components
-from meddiff_components.trainjob import CREDENTIAL_KEYS  # the Secret's keys: one list for tasks and TrainJob nodes
+from meddiff_components.trainjob import (  # one list for tasks and TrainJob nodes
+    CREDENTIAL_KEYS,  # the Secret's keys
+    PIPELINE_POD_LABELS,  # what infra/'s NetworkPolicies admit to MLflow and the object store
+)
 from meddiff_pipelines.trainjob import configure_launcher, launches_trainjob, task_resources
 
 from meddiff.config import Params, PipelineConfig
 from meddiff.io import atomic_file
 from meddiff.stage_table import PIPELINE_STAGES, STAGES, Caching, Resources, producers
-from meddiff.tracking import git_commit
 
 PIPELINE_NAME = "meddiff"
+#: display names of the two branches of the fork on ``raw_uri``
+COHORT_BRANCH = "built-in cohort (no raw_uri)"
+DROP_BRANCH = "raw drop (raw_uri)"
+#: the stage that reads the raw drop and computes the data version (the table's ``fetches``)
+FETCHING_STAGE = next(name for name in PIPELINE_STAGES if STAGES[name].fetches)
+#: the stages before it write what it may fetch instead (the built-in cohort): they run only without a URI
+SOURCE_STAGES = PIPELINE_STAGES[: PIPELINE_STAGES.index(FETCHING_STAGE)]
+#: the fetching task's output parameter read by every later task
+DATA_VERSION_OUTPUT = "data_version"
 PIPELINE_DESCRIPTION = (
     "Hierarchical multimodal diffusion for robust, explainable diagnosis: "
-    "cohort → ingest → preprocess → train → evaluate | generate | explain."
+    "[cohort →] ingest (raw_uri or the built-in cohort) → preprocess → train → evaluate | generate | explain."
 )
 
 #: Default Kubernetes Secret (``pipeline.credentials_secret``) whose keys become environment variables of
@@ -113,6 +135,8 @@ def _configure(
     kubernetes.use_secret_as_env(
         task, settings.credentials_secret, {key: key for key in CREDENTIAL_KEYS}, optional=True
     )
+    for label, value in PIPELINE_POD_LABELS.items():
+        kubernetes.add_pod_label(task, label_key=label, label_value=value)
     from_config_map = {}
     for name in PASSTHROUGH_ENV:
         if os.environ.get(name):
@@ -124,8 +148,40 @@ def _configure(
     return task
 
 
+def add_stage_tasks(
+    components: dict, stages: tuple[str, ...], params: Params, params_json: str, uri: str, from_uri: bool,
+) -> dict[str, dsl.PipelineTask]:
+    """One task per stage of ``stages`` in the current graph context, wired by the table; inputs whose
+    producer is absent stay empty. ``uri`` fills the fetching stage's ``raw_uri``; ``from_uri``: the branch
+    where it reads ``uri`` (its task is then never cached). Returns the tasks by stage name."""
+    uri_parameter = STAGES[FETCHING_STAGE].uri_argument
+    sources = producers()
+    tasks: dict[str, dsl.PipelineTask] = {}
+    for name in stages:
+        arguments: dict[str, object] = {"params_json": params_json}
+        for port in STAGES[name].inputs:
+            producer, output = sources[port.data]
+            if producer in tasks:
+                arguments[port.artifact] = tasks[producer].outputs[output.artifact]
+            elif port.argument != STAGES[name].fetches:
+                raise ValueError(f"stage {name!r} reads {port.data!r}, which no task of this branch writes")
+        if name == FETCHING_STAGE:
+            arguments[uri_parameter] = uri
+        elif FETCHING_STAGE in tasks:
+            arguments[DATA_VERSION_OUTPUT] = tasks[FETCHING_STAGE].outputs[DATA_VERSION_OUTPUT]
+        task = components[name](**arguments)
+        task.set_display_name(name)  # the second branch's tasks would otherwise show as "ingest-2", …
+        tasks[name] = _configure(task, name, params.pipeline, task_resources(name, params))
+        if name == FETCHING_STAGE and from_uri:
+            # what a URI names may change under it (s3://…/latest next week): always read it again
+            task.set_caching_options(enable_caching=False)
+        if launches_trainjob(name, params):  # train.nodes × train.gpus_per_node > 1
+            configure_launcher(task, components[name], params)
+    return tasks
+
+
 def build_pipeline(
-    params: Params, image: str | None = None, gpu_image: str | None = None, data_version: str | None = None
+    params: Params, image: str | None = None, gpu_image: str | None = None, raw_uri: str | None = None
 ) -> Callable[..., None]:
     """The ``meddiff`` pipeline for ``params``.
 
@@ -135,33 +191,47 @@ def build_pipeline(
         image: image of every stage; default ``$MEDDIFF_IMAGE`` or the versioned project image.
         gpu_image: image of the GPU stage (train); default ``$MEDDIFF_GPU_IMAGE``, else ``image`` when
             given explicitly, else the versioned ``-cuda`` project image.
-        data_version: default of the ``data_version`` pipeline parameter (the DVC data version, a git
-            rev); default: the current git commit (:func:`meddiff.tracking.git_commit`).
+        raw_uri: default of the ``raw_uri`` pipeline parameter; default ``params.ingest.raw_uri``.
 
     Returns:
         The ``@dsl.pipeline`` function (a KFP graph component) named ``meddiff``.
     """
     components = build_components(image, gpu_image)
     default_params_json = params_to_json(params)
-    default_data_version = data_version or git_commit()
-    settings = params.pipeline
-
-    sources = producers()
+    default_raw_uri = params.ingest.raw_uri if raw_uri is None else raw_uri
+    uri_parameter = STAGES[FETCHING_STAGE].uri_argument
+    if uri_parameter != "raw_uri":  # the pipeline function below spells the parameter out
+        raise ValueError(f"stage {FETCHING_STAGE!r} fetches {uri_parameter!r}; the pipeline declares raw_uri")
 
     @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
-    def meddiff(params_json: str = default_params_json, data_version: str = default_data_version) -> None:
-        tasks: dict[str, dsl.PipelineTask] = {}
-        for name in PIPELINE_STAGES:
-            inputs = {}
-            for port in STAGES[name].inputs:
-                producer, output = sources[port.data]
-                inputs[port.artifact] = tasks[producer].outputs[output.artifact]
-            task = components[name](params_json=params_json, data_version=data_version, **inputs)
-            tasks[name] = _configure(task, name, settings, task_resources(name, params))
-            if launches_trainjob(name, params):  # train.nodes × train.gpus_per_node > 1
-                configure_launcher(task, components[name], params)
+    def meddiff(params_json: str = default_params_json, raw_uri: str = default_raw_uri) -> None:
+        with dsl.If(raw_uri == "", name=COHORT_BRANCH):
+            add_stage_tasks(components, PIPELINE_STAGES, params, params_json, raw_uri, from_uri=False)
+        with dsl.Else(name=DROP_BRANCH):
+            add_stage_tasks(components, PIPELINE_STAGES[len(SOURCE_STAGES):], params, params_json, raw_uri,
+                            from_uri=True)
 
     return meddiff
+
+
+def write_compiled(pipeline: Callable[..., None], output: Path) -> Path:
+    """Compile the ``@dsl.pipeline`` function to the IR YAML file ``output``, written atomically.
+
+    The compiler writes into a private temporary folder first; the result then replaces ``output`` in
+    one rename, so a failed compile never leaves a truncated pipeline behind.
+
+    Raises:
+        ValueError: ``output`` is not a ``.yaml`` / ``.yml`` file.
+    """
+    output = Path(output)
+    if output.suffix not in {".yaml", ".yml"}:
+        raise ValueError(f"{output}: the pipeline is written as KFP IR YAML; use a .yaml or .yml name")
+    with tempfile.TemporaryDirectory(prefix="meddiff-pipeline-") as staging:
+        compiled = Path(staging) / "pipeline.yaml"
+        compiler.Compiler().compile(pipeline_func=pipeline, package_path=str(compiled))
+        with atomic_file(output) as handle:
+            handle.write(compiled.read_text())
+    return output
 
 
 def compile_pipeline(
@@ -169,20 +239,9 @@ def compile_pipeline(
     output: Path,
     image: str | None = None,
     gpu_image: str | None = None,
-    data_version: str | None = None,
+    raw_uri: str | None = None,
 ) -> Path:
-    """Compile the pipeline for ``params`` to the IR YAML file ``output``, written atomically.
-
-    The compiler writes into a private temporary folder first; the result then replaces ``output`` in
-    one rename, so a failed compile never leaves a truncated pipeline behind.
-    """
-    output = Path(output)
-    if output.suffix not in {".yaml", ".yml"}:
+    """Compile the ``meddiff`` pipeline for ``params`` to ``output`` (:func:`write_compiled`)."""
+    if Path(output).suffix not in {".yaml", ".yml"}:  # before building: a wrong name fails fast
         raise ValueError(f"{output}: the pipeline is written as KFP IR YAML; use a .yaml or .yml name")
-    pipeline = build_pipeline(params, image=image, gpu_image=gpu_image, data_version=data_version)
-    with tempfile.TemporaryDirectory(prefix="meddiff-pipeline-") as staging:
-        compiled = Path(staging) / "pipeline.yaml"
-        compiler.Compiler().compile(pipeline_func=pipeline, package_path=str(compiled))
-        with atomic_file(output) as handle:
-            handle.write(compiled.read_text())
-    return output
+    return write_compiled(build_pipeline(params, image=image, gpu_image=gpu_image, raw_uri=raw_uri), output)

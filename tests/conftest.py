@@ -100,6 +100,7 @@ def tiny_params(tmp_path: Path) -> Params:
     """Tiny model params whose MLflow store lives in the test's tmp dir."""
     overrides = [
         *TINY_OVERRIDES,
+        f"paths.checkpoints={tmp_path}/checkpoints",
         f"tracking.tracking_uri=sqlite:///{tmp_path}/mlruns.db",
         f"tracking.artifact_location={tmp_path}/mlartifacts",
     ]
@@ -126,6 +127,8 @@ def trained_tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
         [
             *TINY_OVERRIDES,
             "train.epochs=4",
+            "train.diffusion.impute_missing_latents=true",  # evaluate then also scores diffusion imputation
+            f"paths.checkpoints={root}/checkpoints",  # not the working tree's: parallel sessions share it
             f"tracking.tracking_uri=sqlite:///{root}/mlruns.db",
             f"tracking.artifact_location={root}/mlartifacts",
         ],

@@ -19,7 +19,7 @@ import grimp
 import pytest
 import yaml
 
-from meddiff.stage_table import PIPELINE_STAGES, STAGES, Port, Stage
+from meddiff.stage_table import DVC_STAGES, STAGES, Port, Stage
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -74,12 +74,12 @@ def test_layers_contract_holds() -> None:
 
 
 def test_dvc_pipeline_is_the_stage_table() -> None:
-    assert tuple(dvc_stages()) == PIPELINE_STAGES
-    for name in PIPELINE_STAGES:
+    assert tuple(dvc_stages()) == DVC_STAGES
+    for name in DVC_STAGES:
         assert dvc_stages()[name]["cmd"] == f"meddiff {name} --params params.yaml", name
 
 
-@pytest.mark.parametrize("name", PIPELINE_STAGES)
+@pytest.mark.parametrize("name", DVC_STAGES)
 def test_dvc_stage_reads_and_writes_the_table_folders(name: str) -> None:
     stage, entry = STAGES[name], dvc_stages()[name]
 
@@ -102,7 +102,7 @@ def test_dvc_stage_reads_and_writes_the_table_folders(name: str) -> None:
         )
 
 
-@pytest.mark.parametrize("name", PIPELINE_STAGES)
+@pytest.mark.parametrize("name", DVC_STAGES)
 def test_dvc_stage_depends_on_all_code_it_imports(name: str) -> None:
     closure = import_closure(STAGES[name])
     assert STAGES[name].module in closure and "meddiff.config" in closure
@@ -115,7 +115,7 @@ def test_dvc_stage_depends_on_all_code_it_imports(name: str) -> None:
     assert not superfluous, f"dvc.yaml stage {name!r} depends on code it never imports: {superfluous}"
 
 
-@pytest.mark.parametrize("name", PIPELINE_STAGES)
+@pytest.mark.parametrize("name", DVC_STAGES)
 def test_params_sections_are_those_the_code_reads(name: str) -> None:
     read = set()
     for module in import_closure(STAGES[name]):

@@ -20,3 +20,26 @@ def test_new_sqlite_store_is_created_beside_and_renamed_in(tmp_path: Path, monke
     assert tracking.setup_experiment(config) == first  # the store opens again with its experiment
     assert (tmp_path / "sub" / "mlruns.db").is_file()
     assert not list((tmp_path / "sub").glob(f".mlruns.db.{__import__('os').getpid()}.tmp"))
+
+
+def test_data_version_tags_the_run_and_the_model_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``$MEDDIFF_DATA_VERSION`` (set by the stage runner) becomes ``meddiff.data_version`` on the run's tags,
+    and :func:`tracking.tag_model_version` puts the same tags on a registered version (issue 13)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from meddiff.config import Params
+
+    version_hash = "sha256:" + "ab" * 32
+    monkeypatch.setenv("MEDDIFF_DATA_VERSION", version_hash)
+    monkeypatch.setenv("MEDDIFF_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    tags = tracking.run_tags(Params(), "d41d8cd98f00b204e9800998ecf8427e")
+    assert tags["meddiff.data_version"] == version_hash
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    client = MlflowClient()
+    client.create_registered_model("meddiff-test")
+    (tmp_path / "model").mkdir()
+    version = client.create_model_version("meddiff-test", (tmp_path / "model").as_uri())
+    tracking.tag_model_version("meddiff-test", version.version, tags)
+    assert client.get_model_version("meddiff-test", version.version).tags == tags

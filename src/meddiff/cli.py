@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
             flag = "--" + port.argument.replace("_", "-")
             default_text = f"params paths.{port.path}" + (f" / {port.sub}" if port.sub else "")
             stage_parser.add_argument(flag, dest=port.argument, default=None, help=f"default: {default_text}")
+        if spec.fetches:
+            stage_parser.add_argument(
+                "--" + spec.uri_argument.replace("_", "-"), dest=spec.uri_argument, default=None,
+                help=f"raw drop to read instead of --{spec.fetches.replace('_', '-')}: s3://bucket/prefix, "
+                f"dvc://<repo>?path=<path>&rev=<rev> or a folder (default: params {spec.uri_params})",
+            )
 
     _add_pipeline(commands)
     return parser
@@ -60,6 +66,8 @@ def _add_pipeline(commands: argparse._SubParsersAction) -> None:
     actions = pipeline.add_subparsers(dest="pipeline_command", metavar="ACTION", required=True)
     compile_parser = actions.add_parser("compile", help="compile the KFP v2 pipeline to YAML")
     compile_parser.add_argument("--output", required=True, help="pipeline YAML to write")
+    compile_parser.add_argument("--predict", action="store_true",
+                                help="compile the meddiff-predict pipeline (batch prediction for new patients)")
     submit = actions.add_parser("submit", help="upload a pipeline version named after the git commit and start a run")
     submit.add_argument("--run-name", default=None, help="default: meddiff-<commit>-<UTC time>")
     schedule = actions.add_parser(
@@ -84,7 +92,8 @@ def _add_pipeline(commands: argparse._SubParsersAction) -> None:
             "--gpu-image", default=None, help="train image (default: MEDDIFF_GPU_IMAGE, else --image, else -cuda tag)"
         )
         action.add_argument(
-            "--data-version", default=None, help="DVC data version (a git rev) recorded by every task (default: HEAD)"
+            "--raw-uri", default=None, help="raw drop the run reads: s3://bucket/prefix or dvc://<repo>?path=…&rev=…; "
+            "\"\" runs the built-in cohort (default: params ingest.raw_uri)"
         )
     for action in (submit, schedule):
         action.add_argument("--host", default=None, help="KFP API endpoint (default: $KFP_HOST); token: $KFP_TOKEN")
@@ -100,20 +109,30 @@ def _load(args: argparse.Namespace):  # -> Params; the import stays out of modul
 
 
 def _run_stage(args: argparse.Namespace) -> int:
-    from meddiff.stages import result_to_dict, run_stage
+    from meddiff.stages import result_to_dict, run_versioned
 
     params = _load(args)
-    paths = {port.argument: getattr(args, port.argument) for port in STAGES[args.command].ports}
+    spec = STAGES[args.command]
+    paths = {port.argument: getattr(args, port.argument) for port in spec.ports}
+    uri = getattr(args, spec.uri_argument) if spec.fetches else None
     started = time.perf_counter()
-    result = run_stage(args.command, params, **paths)
+    result, data_version = run_versioned(args.command, params, uri=uri, **paths)
     LOG.info("%s finished in %.1f s", args.command, time.perf_counter() - started)
-    print(json.dumps(result_to_dict(result), indent=2, default=str))
+    payload = result_to_dict(result)
+    if spec.fetches:  # the hash of the drop read: the data version of every later stage
+        payload["data_version"] = data_version
+    print(json.dumps(payload, indent=2, default=str))
     return 0
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
     params = _load(args)
-    images = {"image": args.image, "gpu_image": args.gpu_image, "data_version": args.data_version}
+    images = {"image": args.image, "gpu_image": args.gpu_image, "raw_uri": args.raw_uri}
+    if args.pipeline_command == "compile" and args.predict:
+        from meddiff_pipelines.predict import compile_predict_pipeline
+
+        print(f"wrote {compile_predict_pipeline(params, Path(args.output), image=args.image)}")
+        return 0
     if args.pipeline_command == "compile":
         from meddiff_pipelines.pipeline import compile_pipeline
 

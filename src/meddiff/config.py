@@ -39,6 +39,8 @@ class PathsConfig(_Section):
     synthetic: Path = Path("data/synthetic")
     reports: Path = Path("reports")
     checkpoints: Path = Path("checkpoints")
+    #: the raw drop of new (unlabelled) patients that `meddiff predict` scores (`meddiff new_patients` writes one)
+    new_patients: Path = Path("data/raw_new")
 
 
 class CohortConfig(_Section):
@@ -89,6 +91,66 @@ class CohortConfig(_Section):
         return self
 
 
+class DropConfig(_Section):
+    """A raw drop of other patients the cohort generator writes in the cohort's layout (the ``drops`` section):
+    own seed and size, own share of missing modalities and of the minority site (1.0 = every patient from the
+    other scanner profile, a site shift); classes, prevalence and anatomy as ``cohort``."""
+
+    seed: int
+    n_patients: PositiveInt
+    #: patient ids are these letters + a number; two or more letters, so never the training cohort's ``P…``
+    id_prefix: Annotated[str, Field(pattern=r"^[A-Z]{2,4}$")]
+    #: false: no Condition resources (new patients to predict for; diagnoses only in cohort.json)
+    labelled: bool
+    image_missing_fraction: Fraction
+    note_missing_fraction: Fraction
+    labs_missing_fraction: Fraction
+    minority_site_fraction: Fraction
+    #: patients whose Patient record is malformed (ingest quarantines them with a reason)
+    malformed_patients: Annotated[int, Field(ge=0)] = 0
+
+
+class DropsConfig(_Section):
+    """Drops written beside the training cohort (``docs/data.md``)."""
+
+    #: `meddiff new_patients` → `paths.new_patients`, scored by `meddiff predict` at the end of `make run`
+    new_patients: DropConfig = DropConfig(
+        seed=1042, n_patients=24, id_prefix="NEW", labelled=False, image_missing_fraction=0.25,
+        note_missing_fraction=0.25, labs_missing_fraction=0.25, minority_site_fraction=0.12, malformed_patients=1,
+    )
+    #: external validation (issue 11): another seed, large enough for >= 60 rare-class and >= 200 minority-site
+    #: patients at the cohort's prevalence (``meddiff.data.cohort.generate_external_drop``)
+    external: DropConfig = DropConfig(
+        seed=2042, n_patients=2000, id_prefix="EXT", labelled=True, image_missing_fraction=0.03,
+        note_missing_fraction=0.06, labs_missing_fraction=0.04, minority_site_fraction=0.12,
+    )
+
+
+class MonitorConfig(_Section):
+    """Drift of a new drop against the training data and the retraining decision (``meddiff monitor``,
+    :mod:`meddiff.monitoring`)."""
+
+    #: a feature group drifted when at least this share of its features drift (evidently's dataset drift)
+    drift_share: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    #: groups whose drift is a reason to retrain (ehr, note, image, latent); the others are only reported
+    decide_on: list[Literal["ehr", "note", "image", "latent"]] = ["ehr", "note", "image", "latent"]
+    #: this many newly labelled patients is a reason to retrain on its own
+    min_new_labelled: PositiveInt = 100
+    #: principal components of each modality's latent compared (fitted on the training patients)
+    latent_components: PositiveInt = 3
+
+
+class PredictConfig(_Section):
+    """Batch prediction for new patients (``meddiff predict``), see ``docs/data.md``."""
+
+    #: the model: ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` in the registry, or a local model
+    #: folder written by `meddiff train`; null = ``models:/<tracking.registered_model>@champion``
+    model_uri: str | None = None
+    #: the drop of new patients to read instead of ``paths.new_patients`` (``s3://bucket/prefix`` or
+    #: ``dvc://…``, as ``ingest.raw_uri``); "" = the folder
+    new_patients_uri: str = ""
+
+
 #: canonical lab name -> (LOINC codes accepted for it, canonical UCUM unit)
 _DEFAULT_LABS: dict[str, tuple[list[str], str]] = {
     "wbc": (["6690-2"], "10*3/uL"),
@@ -103,6 +165,9 @@ _DEFAULT_LABS: dict[str, tuple[list[str], str]] = {
 class IngestConfig(_Section):
     """Reading, validating and quarantining raw records (``meddiff ingest``)."""
 
+    #: the raw drop to read instead of ``paths.raw`` (the built-in cohort): ``s3://bucket/prefix``,
+    #: ``dvc://<repo>?path=<path>&rev=<rev>`` or a folder (meddiff.data.drop); "" reads ``paths.raw``
+    raw_uri: str = ""
     #: canonical lab -> LOINC codes mapped onto it (FHIR R4 Observation.code.coding)
     lab_loinc: dict[str, list[str]] = {name: codes for name, (codes, _) in _DEFAULT_LABS.items()}
     #: canonical lab -> UCUM unit every value is harmonised to
@@ -279,7 +344,7 @@ class DiffusionConfig(_Section):
     beta_end: PositiveFloat = 0.02
     unet_channels: list[PositiveInt] = [16, 32]
     class_dropout_p: Fraction = 0.1
-    impute_missing_latents: bool = True
+    impute_missing_latents: bool = False
     imputation_steps: PositiveInt = 20
     refine_epochs: Annotated[int, Field(ge=0)] = 25
     refine_learning_rate: PositiveFloat = 1e-3
@@ -299,6 +364,10 @@ class TrainConfig(_Section):
     lambda_cls: Annotated[float, Field(ge=0.0)] = 1.0
     lambda_recon: Annotated[float, Field(ge=0.0)] = 0.5
     class_weighting: bool = True
+    #: L_cls class weights ∝ (1 / class frequency) ** power (1 = inverse frequency, 0.5 = its square root)
+    class_weight_power: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    #: learning rate of the image encoder = learning_rate × this (the CNN may need another step size)
+    image_lr_multiplier: PositiveFloat = 1.0
     latent_stop_gradient: bool = True
     masking_curriculum: Literal["constant", "linear_warmup"] = "constant"
     masking_warmup_epochs: Annotated[int, Field(ge=0)] = 5
@@ -325,10 +394,12 @@ class EvaluateConfig(_Section):
     rare_classes: list[str] | None = None
     subgroup_site: str | None = None
     suite: list[str] = [
-        "full", "no_masking", "concat_fusion", "classifier_only", "no_ontology", "no_imputation",
+        "full", "no_masking", "classifier_only", "no_ontology", "no_imputation", "knn_imputation",
         "image_only", "text_only", "tabular_only", "late_fusion", "diffmic", "feature_lr",
     ]
-    suite_epochs: PositiveInt | None = None
+    suite_epochs: PositiveInt | None = 5
+    #: every suite model is trained with seeds ``seed``, ``seed`` + 1, … (this many)
+    suite_seeds: PositiveInt = 3
 
 
 class PromoteConfig(_Section):
@@ -455,6 +526,7 @@ class Params(_Section):
     seed: int = 42
     paths: PathsConfig = PathsConfig()
     cohort: CohortConfig = CohortConfig()
+    drops: DropsConfig = DropsConfig()
     ingest: IngestConfig = IngestConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     train: TrainConfig = TrainConfig()
@@ -462,6 +534,8 @@ class Params(_Section):
     promote: PromoteConfig = PromoteConfig()
     generate: GenerateConfig = GenerateConfig()
     explain: ExplainConfig = ExplainConfig()
+    predict: PredictConfig = PredictConfig()
+    monitor: MonitorConfig = MonitorConfig()
     tracking: TrackingConfig = TrackingConfig()
     pipeline: PipelineConfig = PipelineConfig()
 

@@ -60,6 +60,11 @@ class Resources:
     gpus: int = 0
 
 
+#: the Kubeflow pipeline that trains (``meddiff``) and the one that predicts for new patients
+MAIN_PIPELINE = "meddiff"
+PREDICT_PIPELINE = "meddiff-predict"
+
+
 class Caching(StrEnum):
     """KFP caching of a stage's task."""
 
@@ -86,6 +91,13 @@ class Stage:
             ``Output[Metrics]`` (``"report_dir/metrics.json"``), or "".
         in_pipeline: part of the main pipeline (DVC ``dvc.yaml`` and the KFP graph); commands such as
             the ablation suite are not.
+        fetches: the input port (argument, ``raw_dir``) that a URI may fill instead of the stage that
+            writes it (:mod:`meddiff.data.drop`): ``meddiff <stage> --raw-uri``, the key ``raw_uri`` of the
+            stage's params section, the KFP pipeline parameter ``raw_uri``. The stage hashes what it read
+            for that port, and the hash is the data version of every later stage; in the KFP graph the
+            stages that write the port run only when no URI is given. "" for none.
+        pipeline: the KFP pipeline whose graph holds an ``in_pipeline`` stage: :data:`MAIN_PIPELINE` or
+            :data:`PREDICT_PIPELINE` (``dvc.yaml`` runs both, the main one first: :data:`DVC_STAGES`).
     """
 
     name: str
@@ -100,10 +112,25 @@ class Stage:
     caching: Caching = Caching.ALWAYS
     metrics_file: str = ""
     in_pipeline: bool = True
+    fetches: str = ""
+    pipeline: str = MAIN_PIPELINE
+    #: the params section holding the URI's default when it is not the stage's own (``monitor`` reads the
+    #: drop ``predict`` reads: ``predict.new_patients_uri``)
+    uri_section: str = ""
 
     @property
     def ports(self) -> tuple[Port, ...]:
         return self.inputs + self.outputs
+
+    @property
+    def uri_argument(self) -> str:
+        """The URI that may fill :attr:`fetches` (``raw_uri``): keyword, params key and KFP parameter; ""."""
+        return f"{self.port(self.fetches).artifact}_uri" if self.fetches else ""
+
+    @property
+    def uri_params(self) -> str:
+        """``section.key`` of the URI's default in params (``ingest.raw_uri``); "" when nothing is fetched."""
+        return f"{self.uri_section or self.name}.{self.uri_argument}" if self.fetches else ""
 
     @property
     def gpus(self) -> int:
@@ -124,6 +151,9 @@ _PROCESSED = Port("processed_dir", "processed", "processed")
 _MODEL = Port("model_dir", "model", "models", kind=ArtifactKind.MODEL)
 _SYNTHETIC = Port("synthetic_dir", "synthetic", "synthetic")
 _EVALUATION = Port("evaluation_dir", "evaluate_report", "reports", "evaluate", ArtifactKind.ARTIFACT)
+_EXPLANATION = Port("explanation_dir", "explain_report", "reports", "explain", ArtifactKind.ARTIFACT)
+_DATA_CARD = Port("data_card_dir", "preprocess_report", "reports", "preprocess", ArtifactKind.ARTIFACT)
+_NEW_PATIENTS = Port("new_patients_dir", "new_patients", "new_patients")
 
 
 def _report(stage: str) -> Port:
@@ -148,7 +178,7 @@ STAGES: dict[str, Stage] = {
             "ingest", "meddiff.data.ingest", "run_ingest",
             "read, de-identify, validate (great-expectations) and quarantine raw records",
             inputs=(_RAW,), outputs=(_INTERIM, _QUARANTINE, _report("ingest")),
-            params=("cohort", "ingest"), resources=_DATA, retry=True,
+            params=("cohort", "ingest"), resources=_DATA, retry=True, fetches="raw_dir",
         ),
         Stage(
             "preprocess", "meddiff.data.preprocess", "run_preprocess",
@@ -159,7 +189,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "train", "meddiff.training.train", "run_train",
             "train the multimodal diffusion model; log and register it in MLflow",
-            inputs=(_PROCESSED,), outputs=(_MODEL,), params=("seed", "train", "tracking"),
+            inputs=(_PROCESSED,), outputs=(_MODEL,), params=("seed", "train", "monitor", "tracking"),
             resources=Resources("4", "16Gi", "32Gi", gpus=1), caching=Caching.WHEN_ASKED,
         ),
         Stage(
@@ -167,12 +197,6 @@ STAGES: dict[str, Stage] = {
             "AUC/F1/accuracy with intervals on the test split, subgroups and under 0-80 %% modality masking",
             inputs=(_PROCESSED, _MODEL), outputs=(_report("evaluate"),),
             params=("seed", "evaluate", "tracking"), resources=_REPORT, metrics_file="report_dir/metrics.json",
-        ),
-        Stage(
-            "promote", "meddiff.evaluation.promote", "run_promote",
-            "registry gate: alias `champion` moves to the new version only if it beats the champion",
-            inputs=(_PROCESSED, _MODEL, _EVALUATION), outputs=(_report("promote"),),
-            params=("promote", "tracking"), resources=_REPORT, caching=Caching.NEVER,
         ),
         Stage(
             "generate", "meddiff.generation.generate", "run_generate",
@@ -187,28 +211,65 @@ STAGES: dict[str, Stage] = {
             params=("seed", "explain", "tracking"), resources=_REPORT,
         ),
         Stage(
+            "promote", "meddiff.evaluation.promote", "run_promote",
+            "registry gate: alias `champion` moves to the new version only if it beats the champion",
+            inputs=(_PROCESSED, _MODEL, _EVALUATION, _EXPLANATION, _DATA_CARD), outputs=(_report("promote"),),
+            params=("promote", "train", "tracking"), resources=_REPORT, caching=Caching.NEVER,
+        ),
+        Stage(
             "suite", "meddiff.evaluation.suite", "run_suite",
             "ablations and baselines: same data, same budget, one table + summary (long: trains ~9 models)",
             inputs=(_PROCESSED,),
             outputs=(Port("report_dir", "suite_report", "reports", "evaluate", ArtifactKind.ARTIFACT),),
             params=("seed", "train", "evaluate", "tracking"), resources=_REPORT, in_pipeline=False,
         ),
+        Stage(
+            "new_patients", "meddiff.data.cohort_drops", "generate_new_patients",
+            "write a small drop of new, unlabelled patients (another seed, modalities missing, one malformed)",
+            inputs=(), outputs=(_NEW_PATIENTS,), params=("seed", "cohort", "drops"), resources=_SMALL, retry=True,
+            pipeline=PREDICT_PIPELINE,
+        ),
+        Stage(
+            "predict", "meddiff.prediction.predict", "run_predict",
+            "class probabilities + FHIR RiskAssessments for a raw drop of new patients (apply mode, the champion)",
+            inputs=(_NEW_PATIENTS,), outputs=(_report("predict"),),
+            params=("seed", "cohort", "ingest", "preprocess", "predict", "tracking"), resources=_REPORT,
+            caching=Caching.NEVER,
+            metrics_file="report_dir/metrics.json", pipeline=PREDICT_PIPELINE, fetches="new_patients_dir",
+        ),
+        Stage(
+            "monitor", "meddiff.prediction.monitor", "run_monitor",
+            "drift of a new drop against the model's training data (evidently) and whether to retrain",
+            inputs=(_NEW_PATIENTS,), outputs=(_report("monitor"),),
+            params=("seed", "cohort", "ingest", "preprocess", "predict", "monitor", "tracking"), resources=_REPORT,
+            caching=Caching.NEVER,
+            metrics_file="report_dir/metrics.json", pipeline=PREDICT_PIPELINE, fetches="new_patients_dir",
+            uri_section="predict",
+        ),
     )
 }
 
-#: The main pipeline's stages in order (DVC ``dvc.yaml`` and the KFP graph).
-PIPELINE_STAGES: tuple[str, ...] = tuple(name for name, stage in STAGES.items() if stage.in_pipeline)
+#: The main pipeline's stages in order (the ``meddiff`` KFP graph; the start of ``dvc.yaml``).
+PIPELINE_STAGES: tuple[str, ...] = tuple(
+    name for name, stage in STAGES.items() if stage.in_pipeline and stage.pipeline == MAIN_PIPELINE
+)
+#: The prediction pipeline's stages in order (the ``meddiff-predict`` KFP graph).
+PREDICT_STAGES: tuple[str, ...] = tuple(
+    name for name, stage in STAGES.items() if stage.in_pipeline and stage.pipeline == PREDICT_PIPELINE
+)
+#: Every stage ``dvc.yaml`` runs, in order: the main pipeline, then prediction for the new patients.
+DVC_STAGES: tuple[str, ...] = PIPELINE_STAGES + PREDICT_STAGES
 
 
-def producers() -> dict[str, tuple[str, Port]]:
-    """``data`` name → (stage, output port) of the pipeline stage that writes it.
+def producers(stages: tuple[str, ...] = PIPELINE_STAGES) -> dict[str, tuple[str, Port]]:
+    """``data`` name → (stage, output port) of the stage of ``stages`` (default: the main pipeline) that writes it.
 
     Raises:
         ValueError: two pipeline stages write the same data, or a stage reads data that no earlier
             stage writes (the graph would be ambiguous or broken).
     """
     written: dict[str, tuple[str, Port]] = {}
-    for name in PIPELINE_STAGES:
+    for name in stages:
         stage = STAGES[name]
         for port in stage.inputs:
             if port.data not in written:

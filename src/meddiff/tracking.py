@@ -2,8 +2,10 @@
 
 Default store ``sqlite:///mlruns.db`` with artifacts under ``mlartifacts/`` (params ``tracking``);
 the ``MLFLOW_TRACKING_URI`` environment variable overrides it (e.g. a tracking server on the
-cluster). Runs carry the git commit, a hash of the processed data and a hash of the params, so a
-registered model can be traced back to exactly what produced it.
+cluster). Runs carry the git commit, a hash of the processed data, a hash of the params and the data
+version (``$MEDDIFF_DATA_VERSION``: the content hash of the raw drop ingest read, see
+:mod:`meddiff.stages`); registered model versions carry the same tags, so a registered model can be
+traced back to exactly what produced it.
 """
 
 from __future__ import annotations
@@ -125,6 +127,16 @@ def numeric_leaves(payload: dict[str, Any]) -> dict[str, float]:
         for key, value in flatten(payload, lists=True).items()
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     }
+
+
+def tag_model_version(model_name: str, version: str | int, tags: dict[str, str]) -> None:
+    """Set ``tags`` (a run's :func:`run_tags`: commit, params hash, ``meddiff.data_version``…) on a registered
+    model version, so the registry alone says which code, params and data made it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, str(version), key, value)
 
 
 def set_alias(model_name: str, alias: str, version: str | int) -> None:

@@ -2,13 +2,46 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from meddiff.config import Params, params_from_dict
+from meddiff.data import s3
+
+#: the integration tests' server launchers (moto, MLflow), loaded by path: tests/ is no package
+SERVERS = Path(__file__).resolve().parents[1] / "integration" / "servers.py"
+
+
+def integration_servers() -> ModuleType:
+    """``tests/integration/servers.py`` as a module (loaded once)."""
+    name = "meddiff_test_servers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SERVERS)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture
+def moto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real moto S3 server on 127.0.0.1 with dummy credentials; yields its endpoint URL."""
+    servers = integration_servers()
+    for key, value in servers.DUMMY_AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", *s3.ENDPOINT_VARIABLES):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv(s3.STAGING_VARIABLE, str(tmp_path / "staging"))
+    with servers.moto_s3(tmp_path / "logs") as server:
+        monkeypatch.setenv("MEDDIFF_S3_ENDPOINT_URL", server.url)
+        yield server.url
 
 
 def tiny_params_dict() -> dict:

@@ -3,10 +3,7 @@ uploaded to a ``moto_server`` on loopback (started here, stopped at the end of e
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -14,31 +11,6 @@ import pytest
 
 from meddiff.data import s3
 from meddiff.stages import run_stage
-
-SERVERS = Path(__file__).resolve().parents[1] / "integration" / "servers.py"
-
-
-def _servers():
-    name = "meddiff_test_servers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SERVERS)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-@pytest.fixture
-def moto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    servers = _servers()
-    for key, value in servers.DUMMY_AWS_ENV.items():
-        monkeypatch.setenv(key, value)
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", *s3.ENDPOINT_VARIABLES):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv(s3.STAGING_VARIABLE, str(tmp_path / "staging"))
-    with servers.moto_s3(tmp_path / "logs") as server:
-        monkeypatch.setenv("MEDDIFF_S3_ENDPOINT_URL", server.url)
-        yield server.url
 
 
 def upload_tree(local: Path, bucket: str, prefix: str) -> int:

@@ -57,14 +57,26 @@ def test_dvc_repro_end_to_end(tmp_path: Path, tiny_params_yaml: Callable[..., st
     assert run["registered_version"] == "1"
     assert (work / "mlruns.db").is_file()
     assert (work / "dvc.lock").is_file()
+    # make run ends by predicting for the new patients' drop (one malformed patient, quarantined)
+    predicted = json.loads((work / "reports/predict/metrics.json").read_text())
+    assert predicted["n_patients"] >= 20 and predicted["quarantined_by_reason"]["out_of_range"] == 1
+    assert (work / "reports/predict/predictions.csv").read_text().count("\n") == predicted["n_patients"] + 1
+    assert (work / "reports/predict/risk_assessments.ndjson").read_text().count("\n") == predicted["n_patients"]
+    # and by checking the same drop for drift against the champion's training reference
+    monitored = json.loads((work / "reports/monitor/decision.json").read_text())
+    assert monitored["n_new_patients"] == predicted["n_patients"] and monitored["n_new_labelled"] == 0
+    assert set(monitored["drifted_share"]) == {"ehr", "note", "image", "latent"}
+    assert (work / "reports/monitor/index.html").is_file()
 
     # Nothing identifying left raw/: every output a run writes, MLflow's store and artefacts included.
-    # The quarantine keeps rejected raw records for review and is PHI-bearing by design.
-    identifiers = raw_identifiers(work / "data" / "raw")
+    # The quarantines keep rejected raw records for review and are PHI-bearing by design.
+    identifiers = raw_identifiers(work / "data" / "raw") + raw_identifiers(work / "data" / "raw_new")
     assert len(identifiers) > 20
     outputs = [work / "data", work / "models", work / "reports", work / "mlartifacts", work / "mlruns.db"]
     assert all(p.exists() for p in outputs)
-    leaks = find_identifiers(outputs, identifiers, skip=[work / "data" / "raw", work / "data" / "quarantine"])
+    raw_and_quarantine = [work / "data" / "raw", work / "data" / "raw_new", work / "data" / "quarantine",
+                          work / "reports" / "predict" / "quarantine.jsonl"]
+    leaks = find_identifiers(outputs, identifiers, skip=raw_and_quarantine)
     assert not leaks, [f"{leak.path.relative_to(work)}: {leak.identifiers[:3]}" for leak in leaks]
 
     status = subprocess.run(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from meddiff.evaluation.claims import (
     claims_table,
     decide,
     render_markdown,
+    seed_pooled_difference,
+    stage_estimates,
     to_json,
 )
 from meddiff.intervals import paired_difference
@@ -121,13 +124,97 @@ def test_suite_estimates_decide_the_suite_claims() -> None:
         "no_masking": {"0.8": weak},
         "no_ontology": {"0.0": strong},  # the same predictions as full: a difference of exactly 0
     }
-    estimates = suite_estimates(y, probs, rare_class=None, n_bootstrap=200, seed=0, n_seeds=3)
+    estimates = suite_estimates(y, probs, rare_class=None, n_bootstrap=200, seed=0)
     rows = {row.key: row for row in claims_table(estimates)}
     assert rows["fusion_beats_unimodal"].verdict is Verdict.SUPPORTED
-    assert rows["fusion_beats_unimodal"].note == "best unimodal on test: text_only; 3 seeds"
+    assert rows["fusion_beats_unimodal"].note == "best unimodal on test: text_only; 1 seed"
     assert rows["masking_keeps_accuracy_at_80"].verdict is Verdict.SUPPORTED
     assert rows["ontology_attention_helps"].verdict is Verdict.NOT_SUPPORTED  # [0, 0] is no gain
     assert rows["diffusion_imputation_helps"].value == 0.0
     assert rows["diffusion_objective_helps"].verdict is Verdict.INCONCLUSIVE
     assert rows["diffusion_objective_helps"].note.startswith("not measured")
     assert rows["rare_gain_at_high_missingness"].note == "not measured: no rare class in the data"
+
+
+def test_one_seed_and_one_mask_is_the_paired_difference_draw_for_draw() -> None:
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 120)
+    noise = rng.normal(size=120)
+    a, b = _probs(y, 1.0, rng, noise), _probs(y, 0.6, rng, noise)
+    assert seed_pooled_difference(y, a, b, auc_macro, 200, 7) == {
+        **paired_difference(y, a, b, auc_macro, 200, 7), "n_seeds": 1
+    }
+    # the same masks repeated add no information: a drawn patient brings all its rows (cluster bootstrap)
+    twice = seed_pooled_difference(y, np.stack([a, a])[None], np.stack([b, b])[None], auc_macro, 200, 7)
+    once = seed_pooled_difference(y, a, b, auc_macro, 200, 7)
+    assert (twice["value"], twice["ci_low"], twice["ci_high"]) == pytest.approx(
+        (once["value"], once["ci_low"], once["ci_high"])
+    )
+
+
+def test_seeds_are_pooled_by_averaging_their_paired_differences() -> None:
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 2, 200)
+    noise = rng.normal(size=200)
+    good, poor, baseline = _probs(y, 2.0, rng, noise), _probs(y, 0.2, rng, noise), _probs(y, 0.8, rng, noise)
+    pooled = seed_pooled_difference(y, np.stack([good, poor]), np.stack([baseline, baseline]), auc_macro, 300, 0)
+    per_seed = [auc_macro(y, p) - auc_macro(y, baseline) for p in (good, poor)]
+    assert per_seed[0] > 0 > per_seed[1]  # one seed wins, the other loses
+    assert pooled["value"] == pytest.approx(np.mean(per_seed))
+    assert pooled["n_seeds"] == 2
+    # resampling the seeds carries their disagreement into the interval: it reaches both seeds' values
+    assert pooled["ci_low"] < per_seed[1] + 0.02 and pooled["ci_high"] > per_seed[0] - 0.02
+    assert decide(Estimate.from_interval(pooled), GAIN) is Verdict.INCONCLUSIVE
+    # two seeds that agree: the same mean, a far narrower interval
+    agreeing = seed_pooled_difference(y, np.stack([good, good]), np.stack([baseline, baseline]), auc_macro, 300, 0)
+    assert agreeing["ci_high"] - agreeing["ci_low"] < 0.5 * (pooled["ci_high"] - pooled["ci_low"])
+
+
+def test_pooling_needs_the_same_seeds_masks_and_patients() -> None:
+    with pytest.raises(ValueError, match="same seeds, masks and patients"):
+        seed_pooled_difference(np.zeros(3), np.zeros((2, 3, 2)), np.zeros((3, 3, 2)), auc_macro)
+    with pytest.raises(ValueError, match="N = 3 patients"):
+        seed_pooled_difference(np.zeros(3), np.zeros((2, 4, 2)), np.zeros((2, 4, 2)), auc_macro)
+
+
+def test_claims_of_other_stages_are_read_from_their_reports(tmp_path: Path) -> None:
+    absent = stage_estimates(tmp_path, n_bootstrap=20, seed=0)
+    rows = {row.key: row for row in claims_table(absent)}
+    for key, stage in (("fid_below_30", "generate"), ("attribution_dice_above_07", "explain"),
+                       ("no_subgroup_left_behind", "evaluate")):
+        assert rows[key].verdict is Verdict.INCONCLUSIVE
+        assert rows[key].note.startswith(f"not measured: {tmp_path / stage}/")
+        assert rows[key].note.endswith(f"is absent (run `meddiff {stage}` first)")
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "generate").mkdir()
+    real = rng.normal(size=(80, 4))
+    np.savez(tmp_path / "generate" / "latents.npz", synthetic=real[:40] + 0.05 * rng.normal(size=(40, 4)),
+             synthetic_labels=np.zeros(40), real_test=real)
+    (tmp_path / "explain").mkdir()
+    dice = {"value": 0.41, "ci_low": 0.33, "ci_high": 0.49, "n_valid": 500, "n": 16}
+    (tmp_path / "explain" / "metrics.json").write_text(json.dumps(
+        {"method": "integrated_gradients", "n_patients": 16, "localisation": {"integrated_gradients": {"all": {
+            "dice_topk": dice}}}}
+    ))
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate" / "metrics.json").write_text(json.dumps({"subgroup": {
+        "applicable": True, "site": "site_b", "n_subgroup": 10, "n_rest": 70,
+        "auc_gap": {"value": 0.02, "ci_low": -0.10, "ci_high": 0.15}}}))
+    rows = {row.key: row for row in claims_table(stage_estimates(tmp_path, n_bootstrap=50, seed=0))}
+    fid = rows["fid_below_30"]
+    # the resampled distances sit above the point (resampling duplicates points): conservative for "< 30"
+    assert fid.verdict is Verdict.SUPPORTED and 0 <= fid.value <= fid.ci_high < 30
+    assert (rows["attribution_dice_above_07"].value, rows["attribution_dice_above_07"].n) == (0.41, 16)
+    assert rows["attribution_dice_above_07"].verdict is Verdict.NOT_SUPPORTED
+    assert rows["no_subgroup_left_behind"].verdict is Verdict.INCONCLUSIVE
+    assert rows["no_subgroup_left_behind"].note.startswith("site site_b: 10 patients vs 70")
+
+    (tmp_path / "evaluate" / "metrics.json").write_text(json.dumps({"subgroup": {
+        "applicable": False, "reason": "no test patient from site 'site_b'"}}))
+    (tmp_path / "generate" / "latents.npz").unlink()
+    (tmp_path / "generate" / "metrics.json").write_text(json.dumps({"frechet_distance": 12.5}))
+    rows = {row.key: row for row in claims_table(stage_estimates(tmp_path, n_bootstrap=20, seed=0))}
+    assert rows["no_subgroup_left_behind"].note == "not measured: no test patient from site 'site_b'"
+    assert rows["fid_below_30"].value == 12.5 and rows["fid_below_30"].verdict is Verdict.INCONCLUSIVE
+    assert rows["fid_below_30"].note.startswith("no interval:")

@@ -8,8 +8,9 @@ import pytest
 
 from meddiff.data.brain import BRAIN_MASK_CHANNEL, IMAGE_CHANNELS
 from meddiff.data.dataset import ProcessedDataset
+from meddiff.evaluation.claims import Estimate, claims_table
 from meddiff.evaluation.feature_baseline import C_GRID, fit_feature_baseline, image_features
-from meddiff.evaluation.suite import _needed, render_summary
+from meddiff.evaluation.suite import IMAGE_VS_FEATURES, _needed, render_summary
 
 WINDOW = (0.0, 80.0)
 SHAPE = (12, 12, 8)
@@ -79,6 +80,6 @@ def test_the_baseline_learns_a_density_difference_and_keeps_the_prior_without_im
 
 def test_feature_lr_is_a_suite_variant_that_trains_nothing() -> None:
     assert _needed(["feature_lr"]) == []
-    rows = [{"variant": "image_only", "auc": 0.70, "auc_ci": [0.6, 0.8]},
-            {"variant": "feature_lr", "auc": 0.75, "auc_ci": [0.65, 0.85]}]
-    assert "the image model is not at or above the feature baseline" in render_summary(rows, [], 5)
+    rows = claims_table({IMAGE_VS_FEATURES.key: Estimate(-0.05, -0.09, -0.01)}, (IMAGE_VS_FEATURES,))
+    summary = render_summary(rows, [], [], 5, 3)
+    assert "image_only − feature_lr (paired) | -0.050 [-0.090, -0.010] | **not supported** |" in summary

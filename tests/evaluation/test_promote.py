@@ -55,7 +55,9 @@ def test_run_promote_reads_the_evaluation_and_writes_the_decision(trained_tiny, 
     name = params.tracking.registered_model
     clear_champion(client, name)
     evaluation = write_evaluation(tmp_path / "evaluate", 0.61)
-    decision = run_promote(params, trained_tiny["processed"], trained_tiny["models"], evaluation, tmp_path / "promote")
+    absent = tmp_path / "absent"  # no explanation scores, no data card: the card says "not measured"
+    decision = run_promote(params, trained_tiny["processed"], trained_tiny["models"], evaluation, absent, absent,
+                           tmp_path / "promote")
     written = json.loads((tmp_path / "promote" / DECISION_FILE).read_text())
     assert written == decision.to_dict()
     assert decision.promoted and decision.candidate_auc == pytest.approx(0.61)
@@ -64,11 +66,13 @@ def test_run_promote_reads_the_evaluation_and_writes_the_decision(trained_tiny, 
 
     disabled = apply_overrides(params, ["promote.enabled=false"])
     clear_champion(client, name)
-    kept = run_promote(disabled, trained_tiny["processed"], trained_tiny["models"], evaluation, tmp_path / "off")
+    kept = run_promote(disabled, trained_tiny["processed"], trained_tiny["models"], evaluation, absent, absent,
+                       tmp_path / "off")
     assert not kept.promoted and kept.reason == "promote.enabled is false"
     assert not any(alias == "champion" for alias in client.get_registered_model(name).aliases)
 
 
 def test_run_promote_without_evaluation_names_the_file(trained_tiny, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"metrics\.json: run the evaluate stage first"):
-        run_promote(trained_tiny["params"], trained_tiny["processed"], trained_tiny["models"], tmp_path, tmp_path / "p")
+        run_promote(trained_tiny["params"], trained_tiny["processed"], trained_tiny["models"], tmp_path, tmp_path,
+                    tmp_path, tmp_path / "p")

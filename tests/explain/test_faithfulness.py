@@ -1,9 +1,9 @@
 import numpy as np
 
 from meddiff import MODALITIES
-from meddiff.explain.calibration import calibrated, fit_temperature
 from meddiff.explain.deletion import RANDOM, curve_area, deletion_counts, patient_curves
 from meddiff.explain.faithfulness import modality_deletion, share_agreement
+from meddiff.model.calibration import calibrated, fit_temperature
 
 from .block_model import SPATIAL, BlockModel, block_mask, block_patients
 

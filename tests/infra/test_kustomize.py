@@ -132,7 +132,9 @@ def test_secrets_hold_no_real_credentials(overlay: str) -> None:
     if overlay == "gpu":
         assert not secrets, "the cloud overlay must not render Secrets: they are created out of band"
         return
-    assert {s["metadata"]["name"] for s in secrets} == {"meddiff-credentials", "mlflow-db", "object-store-root"}
+    assert {s["metadata"]["name"] for s in secrets} == {
+        "meddiff-credentials", "mlflow-db", "mlflow-auth", "object-store-root"
+    }
     for secret in secrets:
         values = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
         values.update(secret.get("stringData", {}))
@@ -147,7 +149,7 @@ def test_secrets_hold_no_real_credentials(overlay: str) -> None:
 
 def test_secret_templates_are_placeholders_only() -> None:
     templates = sorted((INFRA / "base" / "secrets").glob("*.env.example"))
-    assert len(templates) == 3
+    assert len(templates) == 4
     for template in templates:
         for line in template.read_text().splitlines():
             if not line.strip() or line.startswith("#"):
@@ -188,7 +190,7 @@ def test_names_the_pipeline_relies_on() -> None:
     secret_rules = [r for r in role["rules"] if "secrets" in r["resources"]]
     assert all(r.get("resourceNames") and r["verbs"] == ["get"] for r in secret_rules)
     mlflow = by_kind(docs, "Deployment")["mlflow"]
-    args = containers(mlflow)[0]["args"]
+    args = pod_spec(mlflow)["containers"][0]["args"]
     assert args[args.index("--artifacts-destination") + 1] == "s3://mlflow/"
     assert args[args.index("--backend-store-uri") + 1].endswith("@mlflow-db:5432/mlflow")
     assert args[args.index("--workers") + 1] == "1"  # the dev patch hit the right argument

@@ -2,6 +2,11 @@
 
 The compiled file holds two YAML documents: the ``PipelineSpec`` and the ``PlatformSpec``
 (Kubernetes settings from ``kfp.kubernetes``: tolerations, Secrets).
+
+The root DAG is one fork on ``raw_uri``: the branch ``raw_uri == ""`` runs every stage (cohort first),
+the other every stage but cohort. ``test_both_branches_are_the_same_tasks`` checks that the second
+branch's tasks are configured exactly as the first's; the other tests read the first branch
+(:func:`tasks_of`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import meddiff
 from meddiff.cli import main
 from meddiff.config import Params, apply_overrides, load_params
 from meddiff.stage_table import PIPELINE_STAGES, STAGES, ArtifactKind
-from meddiff.tracking import git_commit
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS_FILE = REPO / "params.yaml"
@@ -37,9 +41,25 @@ def load_ir(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return documents[0], documents[1]
 
 
-def executor_of(spec: dict[str, Any], task: str) -> str:
-    """The executor label (``exec-train``) of a root DAG task."""
-    component = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
+def branches(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The fork's two branches, ``"cohort"`` (``raw_uri == ""``) and ``"drop"``, as their group tasks."""
+    (fork,) = spec["root"]["dag"]["tasks"].values()
+    groups = spec["components"][fork["componentRef"]["name"]]["dag"]["tasks"].values()
+    return {
+        "drop" if group["triggerPolicy"]["condition"].startswith("!") else "cohort": group for group in groups
+    }
+
+
+def tasks_of(spec: dict[str, Any], branch: str = "cohort") -> dict[str, dict[str, Any]]:
+    """The tasks of one branch of the fork on ``raw_uri``, keyed by stage (their display name)."""
+    group = branches(spec)[branch]
+    tasks = spec["components"][group["componentRef"]["name"]]["dag"]["tasks"]
+    return {task["taskInfo"]["name"]: task for task in tasks.values()}
+
+
+def executor_of(spec: dict[str, Any], task: str, branch: str = "cohort") -> str:
+    """The executor label (``exec-train``) of a stage's task in one branch."""
+    component = tasks_of(spec, branch)[task]["componentRef"]["name"]
     return spec["components"][component]["executorLabel"]
 
 
@@ -68,25 +88,87 @@ def test_one_component_per_pipeline_stage() -> None:
 def test_one_task_per_pipeline_stage(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
     spec, _ = compiled
     assert spec["pipelineInfo"]["name"] == "meddiff"
-    assert set(spec["root"]["dag"]["tasks"]) == set(PIPELINE_STAGES)
+    assert set(tasks_of(spec, "cohort")) == set(PIPELINE_STAGES)
+    assert set(tasks_of(spec, "drop")) == set(PIPELINE_STAGES) - {"cohort"}
+
+
+def test_cohort_runs_only_without_raw_uri(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, _ = compiled
+    parameter = spec["root"]["inputDefinitions"]["parameters"]["raw_uri"]
+    assert parameter == {"defaultValue": "", "isOptional": True, "parameterType": "STRING"}
+    conditions = {name: group["triggerPolicy"]["condition"] for name, group in branches(spec).items()}
+    assert conditions == {
+        "cohort": "inputs.parameter_values['pipelinechannel--raw_uri'] == ''",
+        "drop": "!(inputs.parameter_values['pipelinechannel--raw_uri'] == '')",
+    }
+    assert {branch: group["taskInfo"]["name"] for branch, group in branches(spec).items()} == {
+        "cohort": "built-in cohort (no raw_uri)", "drop": "raw drop (raw_uri)",
+    }
+    for branch in ("cohort", "drop"):
+        ingest = tasks_of(spec, branch)["ingest"]["inputs"]
+        assert ingest["parameters"]["raw_uri"] == {"componentInputParameter": "pipelinechannel--raw_uri"}, branch
+    assert "raw" not in tasks_of(spec, "drop")["ingest"]["inputs"].get("artifacts", {})  # it fetches raw_uri
+
+
+def test_raw_uri_default_from_params_or_argument(params: Params, tmp_path: Path) -> None:
+    spec, _ = load_ir(compile_pipeline(apply_overrides(params, ["ingest.raw_uri=s3://b/x"]), tmp_path / "p.yaml"))
+    assert spec["root"]["inputDefinitions"]["parameters"]["raw_uri"]["defaultValue"] == "s3://b/x"
+    spec, _ = load_ir(compile_pipeline(params, tmp_path / "q.yaml", raw_uri="dvc://?path=data/raw&rev=v1"))
+    assert spec["root"]["inputDefinitions"]["parameters"]["raw_uri"]["defaultValue"] == "dvc://?path=data/raw&rev=v1"
+
+
+def test_both_branches_are_the_same_tasks(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """The raw-drop branch's tasks: same component interface, container, Kubernetes settings, caching,
+    retries and wiring as the cohort branch's (``-2`` names aside), but ingest reads no cohort and is not
+    cached."""
+    spec, platform = compiled
+    kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    executors = spec["deploymentSpec"]["executors"]
+
+    def renamed(value: Any) -> str:
+        return json.dumps(value, sort_keys=True).replace("-2", "")
+
+    cohort, drop = tasks_of(spec, "cohort"), tasks_of(spec, "drop")
+    for stage, task in drop.items():
+        first = cohort[stage]
+        if stage == "ingest":  # reads no cohort, and is never cached: the drop behind a URI may change
+            assert task["cachingOptions"] == {} and first["cachingOptions"] == {"enableCache": True}
+            first = {**first, "inputs": {"parameters": first["inputs"]["parameters"]}, "dependentTasks": [],
+                     "cachingOptions": {}}
+            task = {**task, "dependentTasks": task.get("dependentTasks", [])}
+        assert renamed({k: v for k, v in task.items() if k != "componentRef"}) == renamed(
+            {k: v for k, v in first.items() if k != "componentRef"}
+        ), stage
+        first_component = spec["components"][first["componentRef"]["name"]]
+        component = spec["components"][task["componentRef"]["name"]]
+        assert renamed({k: v for k, v in component.items() if k != "executorLabel"}) == renamed(
+            {k: v for k, v in first_component.items() if k != "executorLabel"}
+        ), stage
+        label, first_label = component["executorLabel"], first_component["executorLabel"]
+        assert executors[label] == executors[first_label], stage
+        assert kubernetes.get(label) == kubernetes.get(first_label), stage
 
 
 def test_dependencies(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    tasks = compiled[0]["root"]["dag"]["tasks"]
+    tasks = tasks_of(compiled[0])
     depends = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
     assert depends["cohort"] == set()
     assert depends["ingest"] == {"cohort"}
+    for name in set(PIPELINE_STAGES) - {"cohort", "ingest", "preprocess"}:  # also read ingest's data_version
+        assert "ingest" in depends[name], name
+        depends[name] -= {"ingest"}
     assert depends["preprocess"] == {"ingest"}
     assert depends["train"] == {"preprocess"}
     for name in DOWNSTREAM_OF_TRAIN:
         # after train, and in parallel with each other
         assert "train" in depends[name]
         assert not depends[name] & set(DOWNSTREAM_OF_TRAIN)
-    assert depends["promote"] == {"preprocess", "train", "evaluate"}  # the gate reads the evaluation
+    # the gate reads the evaluation; its model card the explanation scores and the data card
+    assert depends["promote"] == {"preprocess", "train", "evaluate", "explain"}
 
 
 def test_artifacts_wire_stage_outputs_to_inputs(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    tasks = compiled[0]["root"]["dag"]["tasks"]
+    tasks = tasks_of(compiled[0])
 
     def source(task: str, artifact: str) -> tuple[str, str]:
         ref = tasks[task]["inputs"]["artifacts"][artifact]["taskOutputArtifact"]
@@ -117,7 +199,14 @@ def test_component_artifacts_match_the_stage_table(compiled: tuple[dict[str, Any
         for port in STAGES[stage].ports:
             artifact = (inputs | outputs)[port.artifact]
             assert artifact["artifactType"]["schemaTitle"] == f"system.{ArtifactKind(port.kind).value}", (stage, port)
-        assert set(component["inputDefinitions"]["parameters"]) == {"params_json", "data_version"}
+        # cohort comes before any data version; ingest computes it from what it read; the others receive it
+        expected = {"cohort": {"params_json"}, "ingest": {"params_json", "raw_uri"}}.get(
+            stage, {"params_json", "data_version"}
+        )
+        assert set(component["inputDefinitions"]["parameters"]) == expected, stage
+    ingest = spec["components"]["comp-ingest"]
+    assert ingest["inputDefinitions"]["artifacts"]["raw"]["isOptional"] is True  # absent when raw_uri is given
+    assert ingest["outputDefinitions"]["parameters"]["data_version"] == {"parameterType": "STRING"}
 
 
 def test_evaluate_logs_metrics_and_returns_result(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
@@ -157,7 +246,7 @@ def test_train_tolerates_gpu_taint(compiled: tuple[dict[str, Any], dict[str, Any
 def kubernetes_executors(spec: dict[str, Any], platform: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The Kubernetes platform config of every root task, keyed by task name."""
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    return {task: executors.get(executor_of(spec, task), {}) for task in spec["root"]["dag"]["tasks"]}
+    return {task: executors.get(executor_of(spec, task), {}) for task in tasks_of(spec)}
 
 
 def test_train_node_selector_from_params(compiled: tuple[dict[str, Any], dict[str, Any]], params: Params) -> None:
@@ -194,7 +283,7 @@ def test_timeout_override_and_unknown_stage(params: Params, tmp_path: Path) -> N
 
 def caching(spec: dict[str, Any]) -> dict[str, bool]:
     # enableCache false is the proto default, so the compiler leaves it out
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = tasks_of(spec)
     return {name: task["cachingOptions"].get("enableCache", False) for name, task in tasks.items()}
 
 
@@ -217,23 +306,23 @@ def test_credentials_secret_name_from_params(params: Params, tmp_path: Path) -> 
         assert {m["envVar"] for m in secret["keyToEnv"]} >= {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
 
 
-def test_data_version_parameter_defaults_to_the_commit(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+def test_data_version_is_ingests_output(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """No ``data_version`` pipeline parameter: every task after ingest reads ingest's output of that name."""
     spec, _ = compiled
-    parameter = spec["root"]["inputDefinitions"]["parameters"]["data_version"]
-    assert parameter["parameterType"] == "STRING"
-    assert parameter["defaultValue"] == git_commit()
-    for name, task in spec["root"]["dag"]["tasks"].items():
-        assert task["inputs"]["parameters"]["data_version"] == {"componentInputParameter": "data_version"}, name
-        assert task["inputs"]["parameters"]["params_json"] == {"componentInputParameter": "params_json"}, name
-
-
-def test_data_version_given(params: Params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec, _ = load_ir(compile_pipeline(params, tmp_path / "p.yaml", data_version="v2024.06"))
-    assert spec["root"]["inputDefinitions"]["parameters"]["data_version"]["defaultValue"] == "v2024.06"
-    monkeypatch.setenv("MEDDIFF_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
-    spec, _ = load_ir(compile_pipeline(params, tmp_path / "q.yaml"))
-    default = spec["root"]["inputDefinitions"]["parameters"]["data_version"]["defaultValue"]
-    assert default == "0123456789abcdef0123456789abcdef01234567"
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"params_json", "raw_uri"}
+    for branch in ("cohort", "drop"):
+        tasks = tasks_of(spec, branch)
+        ingest = next(name for name, task in spec["components"][branches(spec)[branch]["componentRef"]["name"]][
+            "dag"]["tasks"].items() if task["taskInfo"]["name"] == "ingest")
+        for name, task in tasks.items():
+            parameters = task["inputs"]["parameters"]
+            assert parameters["params_json"] == {"componentInputParameter": "pipelinechannel--params_json"}, name
+            if name in ("cohort", "ingest"):
+                assert "data_version" not in parameters, name
+            else:
+                assert parameters["data_version"] == {
+                    "taskOutputParameter": {"outputParameterKey": "data_version", "producerTask": ingest}
+                }, (branch, name)
 
 
 def test_credentials_from_optional_secret(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
@@ -247,7 +336,7 @@ def test_credentials_from_optional_secret(compiled: tuple[dict[str, Any], dict[s
 
 
 def test_retries_with_backoff_on_io_stages(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    tasks = compiled[0]["root"]["dag"]["tasks"]
+    tasks = tasks_of(compiled[0])
     for name in ("cohort", "ingest"):
         policy = tasks[name]["retryPolicy"]
         assert policy["maxRetryCount"] >= 1
@@ -341,12 +430,12 @@ def test_cli_compile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     output = tmp_path / "pipeline.yaml"
     argv = [
         "pipeline", "compile", "--params", str(PARAMS_FILE), "--set", "train.epochs=2",
-        "--set", "pipeline.cache_training=true", "--data-version", "data-v7", "--output", str(output),
+        "--set", "pipeline.cache_training=true", "--raw-uri", "s3://raw/2026-11", "--output", str(output),
     ]
     assert main(argv) == 0
     assert f"wrote {output}" in capsys.readouterr().out
     spec, _ = load_ir(output)
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     assert json.loads(parameters["params_json"]["defaultValue"])["train"]["epochs"] == 2
-    assert parameters["data_version"]["defaultValue"] == "data-v7"
+    assert parameters["raw_uri"]["defaultValue"] == "s3://raw/2026-11"
     assert caching(spec)["train"] is True

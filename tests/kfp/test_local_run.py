@@ -30,6 +30,7 @@ from meddiff_pipelines.pipeline import build_pipeline, params_to_json
 
 from meddiff.cli import main
 from meddiff.config import Params, apply_overrides, load_params
+from meddiff.data.drop import folder_version
 from meddiff.data.phi_scan import find_identifiers, raw_identifiers
 from meddiff.stage_table import PIPELINE_STAGES, STAGES
 
@@ -115,8 +116,10 @@ def test_pipeline_wiring_with_fake_stages(tmp_path: Path, pipeline_root: Path, m
     monkeypatch.setenv("PYTHONPATH", str(FAKE_STAGES))
     params = apply_overrides(load_params(REPO / "params.yaml"), ["cohort.n_patients=24", "train.epochs=1"])
 
-    build_pipeline(params, image="meddiff:test", data_version="data-v1")()  # parameters from their defaults
+    build_pipeline(params, image="meddiff:test")()  # parameters from their defaults: raw_uri "", the cohort
 
+    cohort_version = folder_version(task_dir(pipeline_root, "cohort") / "raw")
+    assert cohort_version.startswith("sha256:")
     validation = json.loads((task_dir(pipeline_root, "ingest") / "report" / "validation.json").read_text())
     assert validation["records_in"] == 24
     assert validation["records_in"] == validation["accepted"] + validation["quarantined"]
@@ -125,7 +128,7 @@ def test_pipeline_wiring_with_fake_stages(tmp_path: Path, pipeline_root: Path, m
         "epochs": 1,
         "patients": 23,
         "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
-        "data_version": "data-v1",  # exported by the component as $MEDDIFF_DATA_VERSION
+        "data_version": cohort_version,  # ingest's hash of the cohort, exported as $MEDDIFF_DATA_VERSION
     }
     assert json.loads((task_dir(pipeline_root, "generate") / "synthetic" / "patients.json").read_text()) == {
         "n": params.generate.n_per_class * len(params.cohort.classes)
@@ -146,8 +149,14 @@ def test_pipeline_wiring_with_fake_stages(tmp_path: Path, pipeline_root: Path, m
     assert evaluate["parameterValues"]["Output"]["auc_macro"] == 0.875
     decision = json.loads((task_dir(pipeline_root, "promote") / "report" / "decision.json").read_text())
     assert decision == {"promoted": True, "candidate_auc": 0.875}  # read from evaluate's report artifact
-    for task in PIPELINE_STAGES:
-        assert executor_output(pipeline_root, task)["parameterValues"]["Output"]["data_version"] == "data-v1", task
+    assert (task_dir(pipeline_root, "ingest") / "data_version").read_text() == cohort_version  # output parameter
+    assert executor_output(pipeline_root, "cohort")["parameterValues"]["Output"]["data_version"] == ""
+    for task in PIPELINE_STAGES[1:]:
+        assert executor_output(pipeline_root, task)["parameterValues"]["Output"]["data_version"] == cohort_version, task
+    # the version travels with the data too (CLI and DVC runs are separate processes)
+    for folder in ("ingest/interim", "preprocess/processed", "train/model"):
+        recorded = json.loads((task_dir(pipeline_root, "") / folder / "data_version.json").read_text())
+        assert recorded == {"data_version": cohort_version}, folder
     assert not list(Path.cwd().iterdir()), "a stage wrote into the working folder"
 
 
@@ -171,7 +180,8 @@ def test_cli_run_subprocess(
     assert result["runner"] == "subprocess" and Path(result["run_dir"]).parent == root
     run = json.loads((task_dir(root, "train") / "model" / "run.json").read_text())
     assert run["epochs"] == 2 and run["patients"] == 11
-    assert run["data_version"] == "fedcba9876543210fedcba9876543210fedcba98"  # default: the current commit
+    assert run["data_version"] == folder_version(task_dir(root, "cohort") / "raw")  # the cohort's content hash
+    assert result["data_version"] == run["data_version"] and result["raw_uri"] == ""
     assert (task_dir(root, "explain") / "report" / "index.html").is_file()
     assert not list(workdir.iterdir()), "a stage wrote into the working folder"
 

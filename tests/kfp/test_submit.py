@@ -31,6 +31,7 @@ from meddiff_pipelines import client as kfp_client
 
 from meddiff.cli import main
 from meddiff.config import Params, apply_overrides, load_params
+from meddiff.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS_FILE = REPO / "params.yaml"
@@ -237,12 +238,10 @@ def test_submit_creates_experiment_pipeline_version_and_run(kfp_server: FakeKfp,
     assert result.pipeline_version.startswith(COMMIT[:12] + "-")
     spec, platform = uploaded_spec(kfp_server)
     assert spec["pipelineInfo"]["name"] == "meddiff"
-    assert set(spec["root"]["dag"]["tasks"]) == {
-        "cohort", "ingest", "preprocess", "train", "evaluate", "promote", "generate", "explain"
-    }
+    assert list(spec["root"]["dag"]["tasks"]) == ["condition-branches-1"]  # the fork on raw_uri (test_compile)
     defaults = spec["root"]["inputDefinitions"]["parameters"]
     assert json.loads(defaults["params_json"]["defaultValue"]) == params.to_dict()
-    assert defaults["data_version"]["defaultValue"] == COMMIT
+    assert defaults["raw_uri"]["defaultValue"] == ""  # the built-in cohort
     assert "train" in str(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"])
 
     # the run: that version, in that experiment, with both parameters spelled out
@@ -256,7 +255,7 @@ def test_submit_creates_experiment_pipeline_version_and_run(kfp_server: FakeKfp,
     assert "pipeline_spec" not in run.body  # runs reference the uploaded version, not an inline spec
     parameters = run.body["runtime_config"]["parameters"]
     assert json.loads(parameters["params_json"]) == params.to_dict()
-    assert parameters["data_version"] == COMMIT
+    assert parameters["raw_uri"] == ""
     assert run.body["service_account"] == params.pipeline.service_account == "meddiff-pipeline-runner"
     assert result.run_id in kfp_server.runs
     assert "authorization" not in run.headers
@@ -288,7 +287,7 @@ def test_cli_submit_with_overrides_token_and_env_host(
     argv = [
         "pipeline", "submit", "--params", str(PARAMS_FILE), "--set", "train.epochs=2",
         "--set", 'pipeline.service_account=""', "--experiment", "nightly",
-        "--data-version", "data-2024-06", "--run-name", "manual-1",
+        "--raw-uri", "s3://hospital/exports/2024-06", "--run-name", "manual-1",
     ]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)  # stdout is the JSON result only
@@ -299,12 +298,12 @@ def test_cli_submit_with_overrides_token_and_env_host(
     assert run.body["display_name"] == "manual-1"
     assert "service_account" not in run.body  # "": the KFP default service account
     assert json.loads(run.body["runtime_config"]["parameters"]["params_json"])["train"]["epochs"] == 2
-    assert run.body["runtime_config"]["parameters"]["data_version"] == "data-2024-06"
+    assert run.body["runtime_config"]["parameters"]["raw_uri"] == "s3://hospital/exports/2024-06"
     spec, _ = uploaded_spec(kfp_server)
-    assert spec["root"]["inputDefinitions"]["parameters"]["data_version"]["defaultValue"] == "data-2024-06"
+    assert spec["root"]["inputDefinitions"]["parameters"]["raw_uri"]["defaultValue"] == "s3://hospital/exports/2024-06"
     assert {r.headers.get("authorization") for r in kfp_server.requests} == {"Bearer s3cr3t-token"}
     assert list(kfp_server.runs) == [printed["run_id"]]
-    assert printed["experiment"] == "nightly" and printed["data_version"] == "data-2024-06"
+    assert printed["experiment"] == "nightly" and printed["raw_uri"] == "s3://hospital/exports/2024-06"
 
 
 def test_submit_in_a_namespace(kfp_server: FakeKfp, params: Params) -> None:
@@ -348,8 +347,11 @@ def test_server_error_names_status_and_body(kfp_server: FakeKfp, params: Params)
 # --------------------------------------------------------------------------------------------------
 
 
+DROP = "s3://hospital/exports/latest"
+
+
 def test_schedule_creates_a_weekly_recurring_run(kfp_server: FakeKfp, params: Params) -> None:
-    result = kfp_client.schedule(params, host=kfp_server.url)
+    result = kfp_client.schedule(params, host=kfp_server.url, raw_uri=DROP)
 
     assert kfp_server.calls()[-2:] == [("GET", f"{API}/recurringruns"), ("POST", f"{API}/recurringruns")]
     assert ("POST", f"{API}/runs") not in kfp_server.calls()
@@ -371,9 +373,10 @@ def test_schedule_creates_a_weekly_recurring_run(kfp_server: FakeKfp, params: Pa
     }
     parameters = body["runtime_config"]["parameters"]
     assert json.loads(parameters["params_json"]) == params.to_dict()
-    assert parameters["data_version"] == COMMIT
-    spec, _ = uploaded_spec(kfp_server)  # the version it runs holds the spec
-    assert spec["pipelineInfo"]["name"] == "meddiff"
+    assert parameters["raw_uri"] == DROP
+    spec, _ = uploaded_spec(kfp_server)  # the version it runs holds the spec: monitor, then retrain only if needed
+    assert spec["pipelineInfo"]["name"] == "meddiff-retrain"
+    assert sorted(spec["root"]["dag"]["tasks"]) == ["condition-1", "monitor"]
     assert result.recurring_run_id in kfp_server.recurring_runs
     assert (result.max_concurrency, result.no_catchup, result.replaced) == (1, True, [])
 
@@ -383,7 +386,7 @@ def test_cli_schedule_with_cron_and_experiment(
 ) -> None:
     argv = [
         "pipeline", "schedule", "--params", str(PARAMS_FILE), "--host", kfp_server.url,
-        "--cron", "0 30 2 * * SUN", "--experiment", "retraining", "--name", "weekly",
+        "--cron", "0 30 2 * * SUN", "--experiment", "retraining", "--name", "weekly", "--raw-uri", DROP,
     ]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -405,14 +408,20 @@ def test_schedule_rejects_a_bad_cron_before_any_request(
     assert kfp_server.requests == []
 
 
-def test_schedule_refuses_a_second_schedule_unless_replace(kfp_server: FakeKfp, params: Params) -> None:
-    first = kfp_client.schedule(params, host=kfp_server.url)
-    with pytest.raises(kfp_client.KfpError, match=r"already exists.*--replace"):
+def test_schedule_without_a_drop_fails_before_any_request(kfp_server: FakeKfp, params: Params) -> None:
+    with pytest.raises(UserError, match=r"recurring run retrains on your data: give --raw-uri"):
         kfp_client.schedule(params, host=kfp_server.url)
+    assert kfp_server.requests == []
+
+
+def test_schedule_refuses_a_second_schedule_unless_replace(kfp_server: FakeKfp, params: Params) -> None:
+    first = kfp_client.schedule(params, host=kfp_server.url, raw_uri=DROP)
+    with pytest.raises(kfp_client.KfpError, match=r"already exists.*--replace"):
+        kfp_client.schedule(params, host=kfp_server.url, raw_uri=DROP)
     assert len(kfp_server.recurring_runs) == 1
 
     kfp_server.requests.clear()
-    second = kfp_client.schedule(params, host=kfp_server.url, replace=True)
+    second = kfp_client.schedule(params, host=kfp_server.url, replace=True, raw_uri=DROP)
     assert kfp_server.calls()[-3:] == [
         ("GET", f"{API}/recurringruns"),
         ("DELETE", f"{API}/recurringruns/{first.recurring_run_id}"),

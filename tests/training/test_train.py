@@ -143,3 +143,43 @@ def test_masking_curriculum_ramps() -> None:
     config = TrainConfig(masking_curriculum="linear_warmup", masking_warmup_epochs=4, modality_dropout_p=0.5)
     assert [masking_probability(config, e) for e in range(6)] == [0.0, 0.125, 0.25, 0.375, 0.5, 0.5]
     assert masking_probability(TrainConfig(), 0) == 0.5
+
+
+def test_class_weight_power_interpolates_between_uniform_and_inverse_frequency() -> None:
+    from meddiff.training.objective import class_weights
+
+    labels = np.array([0] * 8 + [1] * 2 + [3] * 1)  # class 2 absent
+    inverse = class_weights(labels, 4)
+    # inverse frequency 1/8 : 1/2 : 1/1 over the seen classes, mean 1, 0 for the absent class
+    torch.testing.assert_close(inverse, torch.tensor([1 / 8, 1 / 2, 0.0, 1.0]) * 3 / (1 / 8 + 1 / 2 + 1))
+    root = class_weights(labels, 4, power=0.5)
+    expected = torch.tensor([8 ** -0.5, 2 ** -0.5, 0.0, 1.0])
+    torch.testing.assert_close(root, expected * 3 / expected.sum())
+    assert torch.equal(class_weights(labels, 4, power=1.0), inverse)
+    with pytest.raises(ValueError, match="power"):
+        class_weights(labels, 4, power=0.0)
+
+
+def test_image_lr_multiplier_puts_the_image_encoder_in_its_own_group(tiny_processed, tiny_params) -> None:
+    from meddiff.training.loop import parameter_groups
+
+    _, data = tiny_processed
+    model = build_model(data, tiny_params)
+    assert len(parameter_groups(model, tiny_params.train)) == 1  # multiplier 1: one group, as before
+    config = tiny_params.train.model_copy(update={"image_lr_multiplier": 3.0})
+    groups = parameter_groups(model, config)
+    image = {id(p) for p in model.image_encoder.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == image
+    assert not image & {id(p) for p in groups[0]["params"]}
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    lr = config.learning_rate
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr, 3.0 * lr])
+
+
+def test_training_setup_params_default_to_the_previous_behaviour() -> None:
+    from pathlib import Path
+
+    repository = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    for config in (TrainConfig(), repository.train):
+        assert config.class_weight_power == 1.0 and config.image_lr_multiplier == 1.0

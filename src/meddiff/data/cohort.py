@@ -9,6 +9,9 @@ Layout written (see ``docs/data.md``)::
     cohort.json                                                   provenance, injected-fault ledger and
                                                                   lesion ledger (kind, radius, contrast in HU)
 
+:mod:`meddiff.data.cohort_drops` writes other drops in the same layout: a small unlabelled drop of new
+patients for ``meddiff predict`` and a large labelled external-validation drop.
+
 Patients are generated one by one from ``np.random.default_rng([seed, index])`` in worker processes
 and streamed to disk, so the cohort never sits in memory and the output does not depend on the
 number of workers. No modality alone determines the diagnosis (see ``bench/cohort_separability.py``).
@@ -22,6 +25,7 @@ import multiprocessing
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,8 +204,9 @@ def _exact_counts(total: int, fractions: list[float]) -> list[int]:
     return counts.tolist()
 
 
-def plan_cohort(config: CohortConfig, seed: int) -> list[PatientPlan]:
-    """Diagnosis, site, available modalities and injected fault of every patient (deterministic)."""
+def plan_cohort(config: CohortConfig, seed: int, id_prefix: str = "P") -> list[PatientPlan]:
+    """Diagnosis, site, available modalities and injected fault of every patient (deterministic); patient
+    ids are ``id_prefix`` + a five-digit number."""
     rng = np.random.default_rng([seed, 0xC0407])
     n = config.n_patients
     diagnoses = np.repeat(config.classes, _exact_counts(n, config.class_prevalence))
@@ -225,7 +230,7 @@ def plan_cohort(config: CohortConfig, seed: int) -> list[PatientPlan]:
         fault = faults.get(i)
         plans.append(PatientPlan(
             index=i,
-            patient_id=f"P{i + 1:05d}",
+            patient_id=f"{id_prefix}{i + 1:05d}",
             diagnosis=str(diagnoses[i]),
             site=str(sites[i]),
             has_image=bool(has_image[i]) or fault in ("truncated_dicom", "non_dicom_file"),
@@ -369,10 +374,16 @@ def _worker_count(config: CohortConfig, n_tasks: int) -> int:
 
 def generate_cohort(params: Params, raw_dir: Path) -> CohortResult:
     """Write the synthetic cohort of ``params.cohort`` into ``raw_dir`` (replaced atomically)."""
+    return write_drop(params, plan_cohort(params.cohort, params.seed), Path(raw_dir), labelled=True, extra={})
+
+
+def write_drop(params: Params, plans: list[PatientPlan], raw_dir: Path, labelled: bool,
+                extra: dict[str, object]) -> CohortResult:
+    """Generate ``plans`` into ``raw_dir`` (atomically; :func:`generate_cohort` and
+    :mod:`meddiff.data.cohort_drops` write through it): imaging, masks, FHIR NDJSON (Condition only when
+    ``labelled``), notes and ``cohort.json`` (provenance, plus the ``extra`` keys)."""
     started = time.perf_counter()
     config = params.cohort
-    plans = plan_cohort(config, params.seed)
-    raw_dir = Path(raw_dir)
     n_files = n_observations = n_notes = 0
     lesions: list[dict[str, float | str]] = []
     with atomic_dir(raw_dir) as staging:
@@ -384,7 +395,7 @@ def generate_cohort(params: Params, raw_dir: Path) -> CohortResult:
         with (
             open(staging / "ehr" / "Patient.ndjson", "w") as patients,
             open(staging / "ehr" / "Observation.ndjson", "w") as observations,
-            open(staging / "ehr" / "Condition.ndjson", "w") as conditions,
+            open(staging / "ehr" / "Condition.ndjson", "w") if labelled else nullcontext() as conditions,
         ):
             if workers > 1:
                 pool = multiprocessing.get_context("fork").Pool(workers)
@@ -397,6 +408,8 @@ def generate_cohort(params: Params, raw_dir: Path) -> CohortResult:
                     for handle, lines in ((patients, output.patient_lines),
                                           (observations, output.observation_lines),
                                           (conditions, output.condition_lines)):
+                        if handle is None:
+                            continue
                         for line in lines:
                             handle.write(line + "\n")
                     n_files += output.n_dicom_files
@@ -429,6 +442,7 @@ def generate_cohort(params: Params, raw_dir: Path) -> CohortResult:
             # per patient with a lesion mask: its contrast to the surrounding brain (HU, before scanner
             # effects); explanations are scored on the visible ones (issue 10: contrast >= 10 HU)
             "lesions": lesions,
+            **extra,
         })
     seconds = time.perf_counter() - started
     LOG.info("cohort: %d patients, %d DICOM files in %s (%.1f s)", len(plans), n_files, raw_dir, seconds)

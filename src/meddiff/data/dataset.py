@@ -6,6 +6,13 @@
 * ``meta.json``: class names, tabular feature names/units/scaler statistics, shapes, split counts;
 * ``tokenizer.json``: the note tokenizer (Hugging Face ``tokenizers`` format), fitted on training notes.
 
+``meta.json`` and ``tokenizer.json`` are the *preprocessing artefacts*: everything preprocess fitted
+(tokenizer, tabular scaler statistics, class names, image parameters and channels, note length).
+``train`` copies them into ``<model>/preprocessing/`` (:func:`copy_preprocessing_artefacts`), so a
+registered model carries them and new data are preprocessed in *apply mode* without refitting
+(``meddiff.data.preprocess.run_preprocess_apply``); apply mode puts every patient in split
+:data:`APPLY_SPLIT` and an unknown diagnosis as :data:`UNKNOWN_LABEL`.
+
 Only numpy is imported here, so readers stay cheap.
 """
 
@@ -24,12 +31,20 @@ ARRAYS_FILE = "arrays.npz"
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: the split of every patient preprocessed in apply mode (new patients, an external drop)
+APPLY_SPLIT = "predict"
+#: ``label`` of a patient whose diagnosis is not known (an unlabelled drop of new patients)
+UNKNOWN_LABEL = -1
+#: sub-folder of a model folder holding the preprocessing artefacts it was trained with
+PREPROCESSING_DIR = "preprocessing"
+#: the files that make up the preprocessing artefacts
+PREPROCESSING_FILES: tuple[str, ...] = (META_FILE, TOKENIZER_FILE)
 
 #: name -> (dtype, shape description). N patients, D/H/W voxels, L note tokens, F tabular features.
 ARRAY_SPEC: dict[str, tuple[str, str]] = {
     "patient_id": ("str", "(N,) pseudonymous patient id"),
-    "label": ("int64", "(N,) index into meta['class_names']"),
-    "split": ("str", "(N,) one of train/val/test"),
+    "label": ("int64", "(N,) index into meta['class_names'], UNKNOWN_LABEL (-1) when not known"),
+    "split": ("str", "(N,) one of train/val/test, or APPLY_SPLIT (predict) in apply mode"),
     "site": ("str", "(N,) acquisition site"),
     "image": ("float16", "(N, C, D, H, W) channels in [0, 1] (meta['image_channels'], data.brain.IMAGE_CHANNELS), "
               "RAS, cropped around the brain"),
@@ -76,8 +91,8 @@ class ProcessedDataset:
         return int(self.meta["vocab_size"])
 
     def indices(self, split: str) -> np.ndarray:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split not in (*SPLITS, APPLY_SPLIT):
+            raise ValueError(f"split must be one of {(*SPLITS, APPLY_SPLIT)}, got {split!r}")
         return np.flatnonzero(self.arrays["split"] == split)
 
     def subset(self, index: np.ndarray) -> ProcessedDataset:
@@ -95,7 +110,7 @@ def validate_arrays(arrays: dict[str, np.ndarray]) -> None:
             raise ValueError(f"array {name!r} has {len(arrays[name])} rows, expected {n}")
     if arrays["modality_present"].shape[1:] != (len(MODALITIES),):
         raise ValueError(f"modality_present must be (N, {len(MODALITIES)})")
-    unknown = set(np.unique(arrays["split"]).tolist()) - set(SPLITS)
+    unknown = set(np.unique(arrays["split"]).tolist()) - {*SPLITS, APPLY_SPLIT}
     if unknown:
         raise ValueError(f"unknown split names {sorted(unknown)}")
 
@@ -132,3 +147,23 @@ def load_vocabulary(directory: str | Path) -> dict[int, str]:
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     return {index: token for token, index in tokenizer.get_vocab().items()}
 
+
+
+def copy_preprocessing_artefacts(processed_dir: str | Path, target_dir: str | Path) -> list[str]:
+    """Copy the preprocessing artefacts (:data:`PREPROCESSING_FILES`) of ``processed_dir`` into
+    ``target_dir`` (created); return the names copied. A processed set without notes' tokenizer (hand-made
+    test data) has no ``tokenizer.json``: then only ``meta.json`` is copied, and apply mode will refuse it.
+
+    Raises:
+        FileNotFoundError: ``processed_dir`` has no ``meta.json``.
+    """
+    import shutil
+
+    source, target = Path(processed_dir), Path(target_dir)
+    if not (source / META_FILE).is_file():
+        raise FileNotFoundError(f"{source / META_FILE}: not found; run `meddiff preprocess` first")
+    target.mkdir(parents=True, exist_ok=True)
+    copied = [name for name in PREPROCESSING_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copyfile(source / name, target / name)
+    return copied

@@ -13,6 +13,9 @@
    mean/std standardisation, with ``tabular_missing`` flags;
 5. ``arrays.npz`` + ``meta.json`` via :func:`meddiff.data.dataset.save_processed`, ``tokenizer.json``,
    and a data card in ``report_dir``.
+
+Apply mode (:func:`run_preprocess_apply`; new patients, an external drop) runs steps 2-5 on every patient
+with the artefacts saved with a model (``<model>/preprocessing/``) and fits nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,13 +37,28 @@ from tqdm import tqdm
 from meddiff import MODALITIES
 from meddiff.config import Params
 from meddiff.data.brain import IMAGE_CHANNELS
-from meddiff.data.dataset import SPLITS, TOKENIZER_FILE, save_processed
+from meddiff.data.dataset import (
+    APPLY_SPLIT,
+    META_FILE,
+    PREPROCESSING_DIR,
+    PREPROCESSING_FILES,
+    SPLITS,
+    TOKENIZER_FILE,
+    UNKNOWN_LABEL,
+    save_processed,
+)
 from meddiff.data.ingest import MANIFEST_FILE
 from meddiff.data.ingest.manifest import LESION_CONTRAST
 from meddiff.data.splits import assert_stratified, stratified_split
-from meddiff.data.tokenizer import SPECIAL_TOKENS, encode_notes, load_pretrained_tokenizer, train_note_tokenizer
+from meddiff.data.tokenizer import (
+    SPECIAL_TOKENS,
+    encode_notes,
+    load_pretrained_tokenizer,
+    load_tokenizer,
+    train_note_tokenizer,
+)
 from meddiff.data.transforms import CT, IMAGE_KEY, MASK_KEY, image_transforms
-from meddiff.io import atomic_dir, atomic_file, write_json
+from meddiff.io import atomic_dir, atomic_file, read_json, write_json
 
 LOG = logging.getLogger(__name__)
 
@@ -62,6 +81,12 @@ class TabularScaler:
         missing = np.isnan(raw)
         filled = np.where(missing, self.median, raw)
         return ((filled - self.mean) / self.std).astype(np.float32), missing
+
+    @classmethod
+    def from_description(cls, features: list[dict[str, Any]]) -> TabularScaler:
+        """The scaler :meth:`describe` wrote (``meta.json`` ``tabular_features``); exact (JSON keeps float64)."""
+        return cls([str(f["name"]) for f in features], [str(f["unit"]) for f in features],
+                   *(np.array([float(f[key]) for f in features]) for key in ("median", "mean", "std")))
 
     def describe(self) -> list[dict[str, Any]]:
         return [
@@ -228,52 +253,54 @@ def _data_card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_preprocess(params: Params, interim_dir: Path, processed_dir: Path, report_dir: Path) -> PreprocessResult:
-    """Build the processed dataset of the whole cohort; fit everything on the training split only."""
-    started = time.perf_counter()
-    interim_dir = Path(interim_dir)
-    manifest_path = interim_dir / MANIFEST_FILE
+def _read_manifest(interim_dir: Path) -> pd.DataFrame:
+    manifest_path = Path(interim_dir) / MANIFEST_FILE
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path}: not found; run `meddiff ingest` first")
-    config = params.preprocess
-    class_names = list(params.cohort.classes)
     manifest = pd.read_parquet(manifest_path).sort_values("patient_id").reset_index(drop=True)
-    unknown = sorted(set(manifest["label"]) - set(class_names))
-    if unknown:
-        raise ValueError(f"{manifest_path}: labels {unknown} are not in cohort.classes {class_names}")
     if manifest.empty:
         raise ValueError(f"{manifest_path}: no patients to preprocess")
+    return manifest
 
-    split = stratified_split(manifest, config.val_fraction, config.test_fraction, params.seed)
-    assert_stratified(manifest, split)
-    train = split == "train"
 
+def _label_indices(manifest: pd.DataFrame, class_names: list[str], source: Path, allow_unknown: bool) -> np.ndarray:
+    """(N,) int64 class indices; a missing label is :data:`UNKNOWN_LABEL` when ``allow_unknown`` (apply mode).
+
+    Raises:
+        ValueError: a label outside ``class_names``, or a missing one in fit mode.
+    """
+    labels = manifest["label"]
+    known = labels.notna() & (labels.astype(str) != "")
+    if not allow_unknown and not known.all():
+        raise ValueError(f"{source}: {int((~known).sum())} patients have no label; fitting needs labelled patients")
+    unknown = sorted(set(labels[known]) - set(class_names))
+    if unknown:
+        raise ValueError(f"{source}: labels {unknown} are not in cohort.classes {class_names}")
+    return np.array([class_names.index(label) if ok else UNKNOWN_LABEL
+                     for label, ok in zip(labels, known, strict=True)], dtype=np.int64)
+
+
+def _patient_arrays(
+    manifest: pd.DataFrame, interim_dir: Path, params: Params, tokenizer: Any, scaler: TabularScaler,
+    labels: np.ndarray, split: np.ndarray, started: float,
+) -> dict[str, np.ndarray]:
+    """The processed arrays (:data:`meddiff.data.dataset.ARRAY_SPEC`) of ``manifest`` with *given* (already
+    fitted) tokenizer and scaler; ``params.preprocess`` sets the image transforms. Shared by fit and apply mode."""
     images, masks, has_mask = _images(manifest, interim_dir, params)
     LOG.info("preprocess: %d images through MONAI (%.1f s)", int(manifest.has_image.sum()),
              time.perf_counter() - started)
-
-    notes = [n if isinstance(n, str) and n else None for n in manifest["note"]]
-    train_notes = [n for n, t in zip(notes, train, strict=True) if t and n]
-    if config.pretrained_tokenizer is not None:
-        tokenizer = load_pretrained_tokenizer(config.pretrained_tokenizer, config.max_note_tokens)
-    else:
-        tokenizer = train_note_tokenizer(train_notes, config.vocab_size, config.max_note_tokens)
-    token_ids, token_mask = encode_notes(tokenizer, notes, config.max_note_tokens)
-
-    labs = list(params.ingest.lab_units)
-    raw_tabular = tabular_frame(manifest, labs)
-    units = [params.ingest.lab_units[lab] for lab in labs] + list(DEMOGRAPHIC_FEATURES.values())
-    scaler = fit_tabular_scaler(raw_tabular[train], units)
-    tabular, tabular_missing = scaler.transform(raw_tabular.to_numpy(dtype=float))
-
+    notes = _notes(manifest)
+    token_ids, token_mask = encode_notes(tokenizer, notes, params.preprocess.max_note_tokens)
+    labs = scaler.names[: len(scaler.names) - len(DEMOGRAPHIC_FEATURES)]
+    tabular, tabular_missing = scaler.transform(tabular_frame(manifest, labs).to_numpy(dtype=float))
     modality_present = np.stack([
         manifest["has_image"].to_numpy(bool),
         np.array([n is not None for n in notes]),
         manifest["has_labs"].to_numpy(bool),
     ], axis=1)
-    arrays = {
+    return {
         "patient_id": manifest["patient_id"].to_numpy(str),
-        "label": np.array([class_names.index(label) for label in manifest["label"]], dtype=np.int64),
+        "label": labels,
         "split": split.astype(str),
         "site": manifest["site"].to_numpy(str),
         "image": images,
@@ -287,6 +314,36 @@ def run_preprocess(params: Params, interim_dir: Path, processed_dir: Path, repor
         "tabular_missing": tabular_missing,
         "modality_present": modality_present,
     }
+
+
+def _notes(manifest: pd.DataFrame) -> list[str | None]:
+    return [n if isinstance(n, str) and n else None for n in manifest["note"]]
+
+
+def run_preprocess(params: Params, interim_dir: Path, processed_dir: Path, report_dir: Path) -> PreprocessResult:
+    """Build the processed dataset of the whole cohort; fit everything on the training split only."""
+    started = time.perf_counter()
+    interim_dir = Path(interim_dir)
+    config = params.preprocess
+    class_names = list(params.cohort.classes)
+    manifest = _read_manifest(interim_dir)
+    labels = _label_indices(manifest, class_names, interim_dir / MANIFEST_FILE, allow_unknown=False)
+
+    split = stratified_split(manifest, config.val_fraction, config.test_fraction, params.seed)
+    assert_stratified(manifest, split)
+    train = split == "train"
+
+    train_notes = [n for n, t in zip(_notes(manifest), train, strict=True) if t and n]
+    if config.pretrained_tokenizer is not None:
+        tokenizer = load_pretrained_tokenizer(config.pretrained_tokenizer, config.max_note_tokens)
+    else:
+        tokenizer = train_note_tokenizer(train_notes, config.vocab_size, config.max_note_tokens)
+
+    labs = list(params.ingest.lab_units)
+    units = [params.ingest.lab_units[lab] for lab in labs] + list(DEMOGRAPHIC_FEATURES.values())
+    scaler = fit_tabular_scaler(tabular_frame(manifest, labs)[train], units)
+    arrays = _patient_arrays(manifest, interim_dir, params, tokenizer, scaler, labels, split, started)
+
     split_counts = {s: int((split == s).sum()) for s in SPLITS}
     meta = {
         "class_names": class_names,
@@ -318,3 +375,74 @@ def run_preprocess(params: Params, interim_dir: Path, processed_dir: Path, repor
         processed_dir=Path(processed_dir), n_patients=len(manifest), split_counts=split_counts,
         vocab_size=meta["vocab_size"], n_tabular=len(scaler.names), seconds=round(seconds, 2),
     )
+
+
+def params_for_artefacts(params: Params, meta: dict[str, Any]) -> Params:
+    """``params`` with the image parameters and note length the artefacts (``meta.json``) were fitted with,
+    so apply mode transforms new data exactly as the training data were, whatever ``params.yaml`` says now.
+
+    Raises:
+        ValueError: the artefacts were made with other image channels than this code produces.
+    """
+    if list(meta.get("image_channels", IMAGE_CHANNELS)) != list(IMAGE_CHANNELS):
+        raise ValueError(f"preprocessing artefacts have image channels {meta['image_channels']}, this code "
+                         f"produces {list(IMAGE_CHANNELS)}: the model needs the meddiff version it was trained with")
+    fitted = {name: meta[name] for name in (*IMAGE_PARAMS, "max_note_tokens") if name in meta}
+    return Params.model_validate({**params.to_dict(), "preprocess": {**params.preprocess.model_dump(mode="json"),
+                                                                      **fitted}})
+
+
+def run_preprocess_apply(
+    params: Params, interim_dir: Path, artefacts_dir: Path, processed_dir: Path, report_dir: Path | None = None,
+) -> PreprocessResult:
+    """Apply mode: the processed arrays of *every* patient of ``interim_dir`` (split :data:`APPLY_SPLIT`),
+    made with the preprocessing artefacts in ``artefacts_dir`` (``meta.json`` + ``tokenizer.json``, as saved
+    in ``<model>/preprocessing/``): the same tokenizer, tabular medians/means/stds, class names, image
+    parameters and note length. Nothing is fitted or written into ``artefacts_dir``.
+
+    A patient without a diagnosis gets :data:`UNKNOWN_LABEL`; a lab the model uses but the manifest lacks
+    is missing for every patient (imputed with the training median, flagged in ``tabular_missing``).
+    ``processed_dir`` holds ``arrays.npz``, ``meta.json`` (the artefacts' meta with this drop's counts) and
+    ``tokenizer.json``; ``report_dir``, if given, the data card. Both are written atomically.
+
+    Raises:
+        FileNotFoundError: no manifest, or an artefact file is missing.
+        ValueError: a label outside the artefacts' classes; mismatching image channels.
+    """
+    started = time.perf_counter()
+    interim_dir, artefacts_dir = Path(interim_dir), Path(artefacts_dir)
+    missing = [name for name in PREPROCESSING_FILES if not (artefacts_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{artefacts_dir}: preprocessing artefacts {missing} not found (a model folder's "
+                                f"{PREPROCESSING_DIR}/ is written by `meddiff train`)")
+    fitted_meta = read_json(artefacts_dir / META_FILE)
+    applied = params_for_artefacts(params, fitted_meta)
+    class_names = list(fitted_meta["class_names"])
+    tokenizer = load_tokenizer(artefacts_dir / TOKENIZER_FILE)
+    scaler = TabularScaler.from_description(fitted_meta["tabular_features"])
+    manifest = _read_manifest(interim_dir)
+    labels = _label_indices(manifest, class_names, interim_dir / MANIFEST_FILE, allow_unknown=True)
+    labs = scaler.names[: len(scaler.names) - len(DEMOGRAPHIC_FEATURES)]
+    manifest = manifest.assign(**{lab: np.nan for lab in labs if lab not in manifest.columns})
+    split = np.full(len(manifest), APPLY_SPLIT)
+    arrays = _patient_arrays(manifest, interim_dir, applied, tokenizer, scaler, labels, split, started)
+    meta = {**fitted_meta, "split_counts": {APPLY_SPLIT: len(manifest)}, "n_patients": len(manifest),
+            "sites": sorted(manifest["site"].unique().tolist()), "mode": "apply",
+            "n_labelled": int((labels != UNKNOWN_LABEL).sum())}
+    with atomic_dir(processed_dir) as staging:
+        save_processed(staging, arrays, meta)
+        shutil.copyfile(artefacts_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+    if report_dir is not None:
+        card = {"n_patients": len(manifest), "mode": "apply", "artefacts": str(artefacts_dir),
+                "per_site": {str(k): int(v) for k, v in manifest["site"].value_counts().sort_index().items()},
+                "n_labelled": meta["n_labelled"],
+                "modality_availability": {name: int(arrays["modality_present"][:, i].sum())
+                                          for i, name in enumerate(MODALITIES)}}
+        with atomic_dir(report_dir) as report:
+            write_json(report / "data_card.json", card)
+    seconds = time.perf_counter() - started
+    LOG.info("preprocess (apply): %d patients with the artefacts of %s (%.1f s)", len(manifest), artefacts_dir,
+             seconds)
+    return PreprocessResult(processed_dir=Path(processed_dir), n_patients=len(manifest),
+                            split_counts={APPLY_SPLIT: len(manifest)}, vocab_size=int(fitted_meta["vocab_size"]),
+                            n_tabular=len(scaler.names), seconds=round(seconds, 2))

@@ -35,6 +35,8 @@ LOG = logging.getLogger(__name__)
 
 ENDPOINT_VARIABLES = ("MEDDIFF_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 STAGING_VARIABLE = "MEDDIFF_S3_STAGING_DIR"
+#: bytes written at a time when an object is streamed to a file
+DOWNLOAD_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -94,33 +96,63 @@ def _relative_key(key: str, prefix: str) -> PurePosixPath | None:
     return path
 
 
-def download_prefix(location: S3Location, target: Path, client: Any = None, workers: int = 8) -> int:
-    """Download every object under ``location`` into ``target`` (created); return the number of files."""
+@dataclass(frozen=True)
+class S3Object:
+    """One listed object: its key, the key below the prefix, its ETag as listed (quotes included), size."""
+
+    key: str
+    relative: PurePosixPath
+    etag: str
+    size: int
+
+
+def list_objects(location: S3Location, client: Any = None) -> list[S3Object]:
+    """Every object under ``location`` (folder markers left out), in key order."""
     client = client or s3_client()
     listing_prefix = f"{location.prefix}/" if location.prefix else ""
-    keys: list[tuple[str, PurePosixPath]] = []
+    objects: list[S3Object] = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=listing_prefix):
         for item in page.get("Contents", []):
             relative = _relative_key(item["Key"], location.prefix)
             if relative is not None:
-                keys.append((item["Key"], relative))
-    if not keys:
+                objects.append(S3Object(item["Key"], relative, item.get("ETag", ""), int(item.get("Size", 0))))
+    return objects
+
+
+def download_object(client: Any, bucket: str, item: S3Object, target: Path, if_match: str | None = None) -> Path:
+    """Download ``item`` to ``target``/its relative key; with ``if_match`` only if its ETag still is that one
+    (else botocore's ``ClientError`` ``PreconditionFailed``)."""
+    destination = target.joinpath(*item.relative.parts)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if if_match is None:
+        client.download_file(bucket, item.key, str(destination))
+        return destination
+    body = client.get_object(Bucket=bucket, Key=item.key, IfMatch=if_match)["Body"]
+    with open(destination, "wb") as handle:
+        for chunk in body.iter_chunks(DOWNLOAD_CHUNK_BYTES):
+            handle.write(chunk)
+    return destination
+
+
+def download_prefix(location: S3Location, target: Path, client: Any = None, workers: int = 8) -> int:
+    """Download every object under ``location`` into ``target`` (created); return the number of files."""
+    client = client or s3_client()
+    objects = list_objects(location, client)
+    if not objects:
         raise FileNotFoundError(f"{location.uri}: no objects under this prefix (endpoint {endpoint_url() or 'AWS'})")
     target.mkdir(parents=True, exist_ok=True)
-
-    def fetch(item: tuple[str, PurePosixPath]) -> None:
-        key, relative = item
-        destination = target.joinpath(*relative.parts)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(location.bucket, key, str(destination))
-
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        list(pool.map(fetch, keys))
-    return len(keys)
+        list(pool.map(lambda item: download_object(client, location.bucket, item, target), objects))
+    return len(objects)
+
+
+def default_staging_root() -> Path:
+    """``<tmp>/meddiff-s3``: where fetched drops are staged when ``$MEDDIFF_S3_STAGING_DIR`` is unset."""
+    return Path(tempfile.gettempdir()) / "meddiff-s3"
 
 
 def staging_dir(location: S3Location) -> Path:
-    root = Path(os.environ.get(STAGING_VARIABLE) or Path(tempfile.gettempdir()) / "meddiff-s3")
+    root = Path(os.environ.get(STAGING_VARIABLE) or default_staging_root())
     digest = hashlib.sha256(location.uri.encode()).hexdigest()[:12]
     return root / f"{location.bucket}-{digest}"
 

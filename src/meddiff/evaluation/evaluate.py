@@ -6,7 +6,9 @@ Writes ``reports/evaluate/``:
   accuracy, balanced accuracy, ECE), the rare-disease and subgroup reports with fairness gaps, the
   robustness rows (the registry gate is the next stage, :mod:`meddiff.evaluation.promote`);
 * ``robustness.csv``: one row per scenario × masking rate × imputation, with intervals;
-* ``robustness_curve.csv`` (the DVC plot) and ``robustness.png`` (the same, for a person).
+* ``robustness_curve.csv`` (the DVC plot) and ``robustness.png`` (the same, for a person);
+* ``test_probabilities.csv``: each test patient's class probabilities (the numbers every metric above is
+  computed from; ``meddiff predict`` reproduces them from the raw files).
 
 The evaluation is logged to MLflow as a child run of the training run.
 """
@@ -58,6 +60,17 @@ def test_metrics(y: np.ndarray, probs: np.ndarray, class_names: list[str], n_boo
     }
     report["n"] = len(y)
     return report
+
+
+TEST_PROBABILITIES_FILE = "test_probabilities.csv"
+
+
+def write_probabilities(target: Path, patient_ids: np.ndarray, probs: np.ndarray, class_names: list[str]) -> None:
+    """``patient_id`` and one ``p_<class>`` column per class (full float precision), one row per patient."""
+    with atomic_file(target) as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patient_id", *(f"p_{name}" for name in class_names)])
+        writer.writerows([pid, *(repr(float(p)) for p in row)] for pid, row in zip(patient_ids, probs, strict=True))
 
 
 def imputation_options(model: MedDiffModel) -> list[bool]:
@@ -147,6 +160,7 @@ def run_evaluate(params: Params, processed_dir: Path, model_dir: Path, report_di
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     write_json(report_dir / "metrics.json", metrics)
+    write_probabilities(report_dir / TEST_PROBABILITIES_FILE, data.arrays["patient_id"][index], probs, data.class_names)
     write_robustness(rows, report_dir)
     _log_to_mlflow(params, run.get("mlflow_run_id"), metrics, report_dir)
     test = metrics["test"]

@@ -6,11 +6,16 @@ stage's ``metrics.json``; the current champion is loaded from the registry (its 
 the same patients. If it cannot score this data (e.g. a different vocabulary size), the AUC recorded
 on its version at its own promotion is used instead, and the decision says so. Every decision is
 written as model-version tags and to ``reports/promote/decision.json``.
+
+The stage also writes the version's model card (:mod:`meddiff.evaluation.model_card`) to
+``reports/promote/model_card.md`` and, for a registered version, logs it with the model (an artifact of the
+version's logged model, ``models:/<model id>/model_card.md``, named by the version tag ``meddiff.model_card``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,15 +23,24 @@ import numpy as np
 
 from meddiff import tracking
 from meddiff.config import Params
-from meddiff.data.batches import MODEL_INPUTS, to_batch
-from meddiff.data.dataset import ProcessedDataset, load_processed
+from meddiff.data.dataset import ARRAYS_FILE, ProcessedDataset, load_processed
+from meddiff.evaluation import model_card
 from meddiff.io import read_json, write_json
 from meddiff.metrics import auc_macro
-from meddiff.model.multimodal import RUN_FILE
+from meddiff.model.inference import predict_proba
+from meddiff.model.multimodal import RUN_FILE, MedDiffModel
 
 LOG = logging.getLogger(__name__)
 AUC_TAG = "meddiff.test_auc_macro"
 DECISION_FILE = "decision.json"
+#: Model-version tag: where the version's model card was logged.
+MODEL_CARD_TAG = "meddiff.model_card"
+#: Training-run tags the model card reports (provenance and the data the model was trained on).
+DATA_VERSION_TAG, DATA_MD5_TAG = "meddiff.data_version", "meddiff.data_md5"
+PROVENANCE_TAGS = ("meddiff.git_commit", "meddiff.params_hash")
+CARD_RUN_TAGS = (*PROVENANCE_TAGS, DATA_VERSION_TAG, DATA_MD5_TAG)
+#: The environment variable the pipeline shells set to the data version (recorded as DATA_VERSION_TAG).
+DATA_VERSION_ENV = next(env for env, tag in tracking.ENVIRONMENT_TAGS.items() if tag == DATA_VERSION_TAG)
 
 
 @dataclass
@@ -45,13 +59,13 @@ class GateDecision:
 
 
 def _champion_auc_on(model_uri: str, data: ProcessedDataset, index: np.ndarray) -> float:
+    """The champion's test macro AUC computed exactly as ``evaluate`` scores the candidate: its logged model
+    folder through :func:`predict_proba` (softmax outputs; the served pyfunc adds the temperature)."""
     import mlflow
 
-    pyfunc = mlflow.pyfunc.load_model(model_uri)
-    batch = to_batch(data, index)
-    inputs = {k: batch[k].numpy() for k in MODEL_INPUTS}
-    inputs["modality_present"] = batch["modality_present"].numpy()
-    return auc_macro(data.arrays["label"][index], np.asarray(pyfunc.predict(inputs)))
+    folder = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model_dir
+    probabilities = predict_proba(MedDiffModel.from_pretrained(folder), data, index)
+    return auc_macro(data.arrays["label"][index], probabilities)
 
 
 def champion_gate(
@@ -110,9 +124,11 @@ def _candidate_auc(evaluation_dir: Path) -> float:
 
 
 def run_promote(
-    params: Params, processed_dir: Path, model_dir: Path, evaluation_dir: Path, report_dir: Path
+    params: Params, processed_dir: Path, model_dir: Path, evaluation_dir: Path, explanation_dir: Path,
+    data_card_dir: Path, report_dir: Path,
 ) -> GateDecision:
-    """Decide whether the model in ``model_dir`` becomes ``champion``; write ``report_dir/decision.json``.
+    """Decide whether the model in ``model_dir`` becomes ``champion``; write ``report_dir/decision.json``
+    and the model card (``explanation_dir``: the explain stage's report, ``data_card_dir``: preprocess's).
 
     Raises:
         FileNotFoundError: ``evaluation_dir`` has no ``metrics.json``.
@@ -123,6 +139,7 @@ def run_promote(
     run_file = Path(model_dir) / RUN_FILE
     version = str(read_json(run_file).get("registered_version") or "") if run_file.is_file() else ""
     name = params.tracking.registered_model
+    data: ProcessedDataset | None = None
     if not params.promote.enabled:
         decision = GateDecision(name, version, candidate_auc, None, None, None, False, "promote.enabled is false")
     elif not version:
@@ -133,4 +150,93 @@ def run_promote(
         data = load_processed(processed_dir)
         decision = champion_gate(params, version, candidate_auc, data, data.indices("test"))
     write_json(Path(report_dir) / DECISION_FILE, decision.to_dict())
+    registered = bool(version) and params.promote.enabled
+    run = read_json(run_file) if run_file.is_file() else {}
+    tags = _training_run_tags(params, run.get("mlflow_run_id")) if registered else {}
+    card = write_card(params, processed_dir, model_dir, evaluation_dir, explanation_dir, data_card_dir, report_dir,
+                      decision, tags, data)
+    if registered:
+        log_model_card(name, version, card)
     return decision
+
+
+def _training_run_tags(params: Params, run_id: str | None) -> dict[str, str]:
+    """The card's tags (:data:`CARD_RUN_TAGS`) of the training run, from the tracking store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not run_id:
+        return {}
+    tracking.setup_experiment(params.tracking)
+    try:
+        recorded = MlflowClient().get_run(run_id).data.tags
+    except MlflowException as error:
+        LOG.warning("model card: training run %s not readable (%s); its provenance is reported as not measured",
+                    run_id, error)
+        return {}
+    return {tag: recorded[tag] for tag in CARD_RUN_TAGS if tag in recorded}
+
+
+def write_card(
+    params: Params, processed_dir: Path, model_dir: Path, evaluation_dir: Path, explanation_dir: Path,
+    data_card_dir: Path, report_dir: Path, decision: GateDecision, run_tags: dict[str, str],
+    data: ProcessedDataset | None = None,
+) -> Path:
+    """Fill the model card from this run's outputs and write ``report_dir/model_card.md``.
+
+    The counts come from the preprocess data card (``data_card_dir/data_card.json``) when it exists, else from
+    the processed data; explanation scores from ``explanation_dir/metrics.json``; a missing file makes its
+    section say ``not measured``.
+    """
+    from meddiff.tracking import file_digest
+
+    data_card_file = Path(data_card_dir) / "data_card.json"
+    summary = model_card.read_optional_json(data_card_file)
+    source = str(data_card_file)
+    processed = Path(processed_dir)
+    has_arrays = (processed / ARRAYS_FILE).is_file()
+    if summary is None and has_arrays:
+        summary, source = model_card.data_summary(data or load_processed(processed)), "the processed data"
+    metrics_file = Path(evaluation_dir) / "metrics.json"
+    metrics = model_card.read_optional_json(metrics_file)
+    run_file = Path(model_dir) / RUN_FILE
+    inputs = model_card.CardInputs(
+        model_name=decision.model,
+        model_version=decision.candidate_version or None,
+        classes=list((metrics or {}).get("class_names") or (summary or {}).get("classes") or []),
+        modalities=list(params.train.modalities),
+        data_summary=summary,
+        data_summary_source=source if summary is not None else None,
+        data_version=run_tags.get(DATA_VERSION_TAG) or os.environ.get(DATA_VERSION_ENV),
+        data_md5=run_tags.get(DATA_MD5_TAG) or (file_digest(processed / ARRAYS_FILE) if has_arrays else None),
+        training=read_json(run_file) if run_file.is_file() else None,
+        metrics=metrics,
+        robustness=model_card.read_robustness(Path(evaluation_dir) / "robustness.csv"),
+        explanation=model_card.read_optional_json(Path(explanation_dir) / "metrics.json"),
+        decision=decision.to_dict(),
+        provenance={k: v for k, v in run_tags.items() if k in PROVENANCE_TAGS},
+    )
+    return model_card.write_model_card(Path(report_dir), inputs)
+
+
+def log_model_card(name: str, version: str, card: Path) -> str:
+    """Log ``card`` with registered version ``version`` of ``name``: into its logged model's artifacts (MLflow 3)
+    or, for a version without one, its run's; tag the version with the location (:data:`MODEL_CARD_TAG`).
+
+    Returns:
+        The card's artifact URI.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    model_version = client.get_model_version(name, version)
+    model_id = getattr(model_version, "model_id", None)
+    if model_id:
+        client.log_model_artifact(model_id, str(card))
+        location = f"models:/{model_id}/{card.name}"
+    else:
+        client.log_artifact(model_version.run_id, str(card))
+        location = f"runs:/{model_version.run_id}/{card.name}"
+    client.set_model_version_tag(name, version, MODEL_CARD_TAG, location)
+    LOG.info("model card of %s v%s logged: %s", name, version, location)
+    return location

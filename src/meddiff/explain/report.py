@@ -24,7 +24,6 @@ from meddiff.config import ExplainConfig, Params
 from meddiff.data.batches import model_inputs, to_batch
 from meddiff.data.dataset import ProcessedDataset, load_processed
 from meddiff.explain.attribution import Attributions, mask_channels
-from meddiff.explain.calibration import calibrated, fit_temperature
 from meddiff.explain.deletion import patient_curves
 from meddiff.explain.faithfulness import modality_deletion, share_agreement
 from meddiff.explain.figures import data_uri, plane_pngs
@@ -33,6 +32,7 @@ from meddiff.explain.localisation import centre_map, random_map, score_map, spre
 from meddiff.explain.methods import EXPLAIN_BATCH, explain_patients
 from meddiff.explain.summary import deletion_summary, healthy_summary, localisation_summary, visible_lesions
 from meddiff.io import atomic_dir, read_json, write_json
+from meddiff.model.calibration import calibrated, fit_temperature, load_temperature
 from meddiff.model.multimodal import RUN_FILE, MedDiffModel
 
 LOG = logging.getLogger(__name__)
@@ -175,8 +175,9 @@ def run_explain(params: Params, processed_dir: Path, model_dir: Path, report_dir
         for method, a in by_method.items()
     } if len(healthy_index) else {}
     faithfulness, drops = _faithfulness(model, data, index, by_method, supports, config, params.seed)
+    saved = load_temperature(model_dir)  # the model's own (train fits it); older models: fit it here
     val = data.indices("val")
-    temperature = fit_temperature(_logits(model, data, val), data.arrays["label"][val])
+    temperature = saved if saved is not None else fit_temperature(_logits(model, data, val), data.arrays["label"][val])
     probabilities = calibrated(_logits(model, data, index), temperature)
     shown = by_method[config.method]
     summary: dict[str, Any] = {

@@ -133,6 +133,20 @@ def image_brain_channel(data: ProcessedDataset) -> int | None:
     return names.index(BRAIN_MASK) if BRAIN_MASK in names else None
 
 
+def parameter_groups(model: MedDiffModel, config: TrainConfig) -> list[dict]:
+    """AdamW parameter groups: one group at ``learning_rate``, or, with ``image_lr_multiplier`` ≠ 1, the image
+    encoder's parameters in a second group at ``learning_rate × image_lr_multiplier`` (the schedule scales
+    both alike). One group when the multiplier is 1, so such runs and their checkpoints are unchanged."""
+    if config.image_lr_multiplier == 1.0:
+        return [{"params": list(model.parameters())}]
+    image = {id(p) for p in model.image_encoder.parameters()}
+    return [
+        {"params": [p for p in model.parameters() if id(p) not in image]},
+        {"params": list(model.image_encoder.parameters()),
+         "lr": config.learning_rate * config.image_lr_multiplier},
+    ]
+
+
 def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
     """Learning-rate multiplier: linear warm-up over ``warmup_fraction`` of the steps (at least one),
     then cosine decay to 0."""
@@ -197,13 +211,15 @@ def train_model(
     train_index = data.indices("train")
     if len(train_index) == 0 or len(data.indices("val")) == 0:
         raise ValueError("the processed data needs non-empty train and val splits")
-    weights = class_weights(data.arrays["label"][train_index], data.n_classes) if config.class_weighting else None
+    weights = (class_weights(data.arrays["label"][train_index], data.n_classes, config.class_weight_power)
+               if config.class_weighting else None)
     objective: torch.nn.Module = TrainingObjective(
         model, config, None if weights is None else weights.to(device), noise_generator
     )
     if dist.world_size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(epoch_order(train_index, params.seed, 0, dist)) / config.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps_per_epoch * config.epochs, config.lr_warmup_fraction)

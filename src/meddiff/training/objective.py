@@ -42,10 +42,18 @@ class LossBreakdown:
 LOSS_TERMS: tuple[str, ...] = tuple(f.name for f in fields(LossBreakdown))
 
 
-def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, normalised to mean 1 over the classes seen."""
+def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> torch.Tensor:
+    """(n_classes,) weights ∝ (1 / class frequency) ** ``power``, normalised to mean 1 over the classes seen;
+    0 for a class absent from ``labels``. ``power`` 1 is inverse frequency, 0.5 its square root (milder: the
+    rare class still counts more, without one patient's loss outweighing a dozen others').
+
+    Raises:
+        ValueError: ``power`` is not in (0, 1].
+    """
+    if not 0.0 < power <= 1.0:
+        raise ValueError(f"class weight power must be in (0, 1], got {power}")
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1.0) / n_classes, 0.0)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1.0) / n_classes, 0.0) ** power
     seen = weights > 0
     weights[seen] /= weights[seen].mean()
     return torch.tensor(weights, dtype=torch.float32)

@@ -1,6 +1,7 @@
 """The ``train`` stage: fit the model (:func:`meddiff.training.fit.fit`), tracked in MLflow.
 
-The best epoch's weights, with the refined latent diffusion model, are written to the model
+The best epoch's weights, with the refined latent diffusion model, and the preprocessing artefacts
+(``preprocessing/``: tokenizer, scaler statistics, class names, image parameters) are written to the model
 directory, logged to MLflow as a pyfunc model with an input example, registered, and given the alias
 ``candidate``. Checkpoints live under ``paths.checkpoints/<run key>/``: the run key hashes params and
 data, so rerunning after a crash resumes the same run and a changed run never resumes a stale state.
@@ -20,9 +21,18 @@ import torch
 
 from meddiff.config import Params
 from meddiff.data.batches import MODEL_INPUTS, to_batch
-from meddiff.data.dataset import ARRAYS_FILE, ProcessedDataset, load_processed
+from meddiff.data.dataset import (
+    ARRAYS_FILE,
+    PREPROCESSING_DIR,
+    ProcessedDataset,
+    copy_preprocessing_artefacts,
+    load_processed,
+)
 from meddiff.io import atomic_dir, write_json
-from meddiff.model.multimodal import RUN_FILE
+from meddiff.model.calibration import fit_temperature, log_probabilities, negative_log_likelihood, save_temperature
+from meddiff.model.inference import predict_proba
+from meddiff.model.multimodal import RUN_FILE, MedDiffModel
+from meddiff.monitoring.reference import MONITORING_DIR, save_reference
 from meddiff.training.fit import fit
 from meddiff.training.loop import train_model
 
@@ -50,6 +60,16 @@ def data_digest(processed_dir: Path) -> str:
     return file_digest(Path(processed_dir) / ARRAYS_FILE)
 
 
+def _save_calibration(model_dir: Path, model: MedDiffModel, data: ProcessedDataset) -> None:
+    """Fit the model's temperature on the validation split (all modalities present ones, as evaluated)."""
+    val = data.indices("val")
+    labels = data.arrays["label"][val]
+    log_probs = log_probabilities(predict_proba(model, data, val))
+    temperature = fit_temperature(log_probs, labels)
+    save_temperature(model_dir, temperature, len(val), negative_log_likelihood(log_probs, labels, 1.0),
+                     negative_log_likelihood(log_probs, labels, temperature))
+
+
 def run_key(params: Params, data_md5: str) -> str:
     """Identifies a training run: the same params and data resume, anything else starts afresh."""
     digest = hashlib.sha256(params.train.model_dump_json().encode())
@@ -69,14 +89,15 @@ def run_train(params: Params, processed_dir: Path, model_dir: Path) -> TrainResu
             # Non-zero ranks train and synchronise gradients; rank 0 writes every output.
             _, state, _ = train_model(params, data, checkpoint_dir)
             return TrainResult(str(model_dir), len(state.history), state.best_epoch, state.best_auc, 0.0, "", "", "")
-        return _train_and_register(params, data, data_md5, Path(model_dir), checkpoint_dir)
+        return _train_and_register(params, data, data_md5, Path(model_dir), checkpoint_dir, Path(processed_dir))
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 def _train_and_register(
-    params: Params, data: ProcessedDataset, data_md5: str, model_dir: Path, checkpoint_dir: Path
+    params: Params, data: ProcessedDataset, data_md5: str, model_dir: Path, checkpoint_dir: Path,
+    processed_dir: Path,
 ) -> TrainResult:
     import mlflow
 
@@ -95,6 +116,11 @@ def _train_and_register(
         state = fitted.state
         train_seconds = time.perf_counter() - started
         fitted.model.save_pretrained(staging)
+        _save_calibration(staging, fitted.model, data)
+        # what preprocess fitted travels with the weights (and, below, the MLflow model): apply mode needs it
+        copy_preprocessing_artefacts(processed_dir, staging / PREPROCESSING_DIR)
+        # the held-out patients' monitored statistics: what `meddiff monitor` compares a new drop with
+        save_reference(staging / MONITORING_DIR, fitted.model, data, params.monitor.latent_components)
         write_json(staging / HISTORY_FILE, state.history)
         write_json(staging / REFINE_HISTORY_FILE, fitted.refine_losses)
 
@@ -110,6 +136,7 @@ def _train_and_register(
         )
         version = str(info.registered_model_version)
         tracking.set_alias(params.tracking.registered_model, tracking.CANDIDATE_ALIAS, version)
+        tracking.tag_model_version(params.tracking.registered_model, version, tags)
         mlflow.log_metrics({"best_val_auc_macro": state.best_auc, "train_seconds": train_seconds})
         result = TrainResult(
             model_dir=str(model_dir),

@@ -82,9 +82,12 @@ def run_evaluate(params: Params, processed_dir: Path, model_dir: Path, report_di
 
 
 def run_promote(
-    params: Params, processed_dir: Path, model_dir: Path, evaluation_dir: Path, report_dir: Path
+    params: Params, processed_dir: Path, model_dir: Path, evaluation_dir: Path, explanation_dir: Path,
+    data_card_dir: Path, report_dir: Path,
 ) -> dict[str, Any]:
     _read(model_dir, "run.json")
+    _read(explanation_dir, "metrics.json")  # the model card's inputs arrive as artifacts
+    _read(data_card_dir, "data_card.json")
     candidate_auc = _read(evaluation_dir, "metrics.json")["test"]["auc_macro"]
     decision = {"promoted": True, "candidate_auc": candidate_auc}
     _write(report_dir, "decision.json", decision)

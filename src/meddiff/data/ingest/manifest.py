@@ -1,7 +1,8 @@
 """The per-patient manifest, assembled from the records the suites accepted; one decision per function.
 
 A patient enters ``interim/manifest.parquet`` when its Patient record is accepted, its accepted
-Conditions agree on one diagnosis class (:func:`decide_labels`) and it has at least one accepted
+Conditions agree on one diagnosis class (:func:`decide_labels`; in apply mode, for new patients, a patient
+without one is admitted with label ``None``) and it has at least one accepted
 modality (:class:`Modalities`). Its row holds the keyed pseudonym, capped age, sex, site, the median
 of each lab (:func:`median_labs`), the de-identified note (:func:`joined_notes`) and the paths of its
 image, header and mask moved to their pseudonymous names (:func:`place_image`). Lesion masks must
@@ -85,6 +86,8 @@ class ManifestContext:
     raw_dir: Path
     labs: list[str]
     max_age: int
+    #: training data need a diagnosis; apply mode (new patients) admits a patient without one (label None)
+    label_required: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,9 +138,11 @@ def joined_notes(notes: pd.DataFrame) -> dict[str, str]:
             for pid, group in ordered.groupby("patient_id")}
 
 
-def admission_problem(patient_id: str, labels: dict[str, str], modalities: Modalities) -> tuple[str, str] | None:
-    """Why a patient whose Patient record was accepted stays out of the manifest (reason, message), or ``None``."""
-    if patient_id not in labels:
+def admission_problem(patient_id: str, labels: dict[str, str], modalities: Modalities,
+                      label_required: bool = True) -> tuple[str, str] | None:
+    """Why a patient whose Patient record was accepted stays out of the manifest (reason, message), or ``None``.
+    Without ``label_required`` (apply mode) a patient with no diagnosis is admitted."""
+    if label_required and patient_id not in labels:
         return "missing_label", f"patient {patient_id} has no accepted Condition with a mapped ICD-10 code"
     if not modalities.any():
         return "no_modality", f"patient {patient_id} has no accepted image, note or labs"
@@ -268,7 +273,7 @@ def assemble_manifest(inputs: ManifestInputs, context: ManifestContext) -> pd.Da
         modalities = Modalities(
             has_image=patient_id in series_ok.index, has_note=patient_id in note_text,
             has_labs=patient_id in lab_values.index and bool(lab_values.loc[patient_id].notna().any()))
-        problem = admission_problem(str(patient_id), labels, modalities)
+        problem = admission_problem(str(patient_id), labels, modalities, context.label_required)
         if problem is not None:
             ledger.quarantine(record, *problem)
             continue
@@ -276,7 +281,7 @@ def assemble_manifest(inputs: ManifestInputs, context: ManifestContext) -> pd.Da
         series = series_ok.loc[patient_id] if modalities.has_image else None
         who = _identifiers(str(patient_id), patient[RECORD_ID], inputs.identifiers, inputs.dicom_names)
         rows.append({
-            "patient_id": pseudonym, "raw_id": patient_id, "label": labels[patient_id],
+            "patient_id": pseudonym, "raw_id": patient_id, "label": labels.get(patient_id),
             "site": patient["site"] if isinstance(patient["site"], str) and patient["site"] else UNKNOWN_SITE,
             "age": cap_age(float(patient["age"]) if patient["age"] is not None else np.nan, context.max_age),
             "sex": patient["sex"],

@@ -94,9 +94,14 @@ def _read_imaging(params: Params, raw_dir: Path, found: Inventory, images_dir: P
 
 
 def run_ingest(
-    params: Params, raw_dir: Path, interim_dir: Path, quarantine_dir: Path, report_dir: Path
+    params: Params, raw_dir: Path, interim_dir: Path, quarantine_dir: Path, report_dir: Path, *,
+    label_required: bool = True,
 ) -> IngestResult:
     """Read, validate, quarantine and de-identify the raw drop; write the interim manifest, images, masks.
+
+    ``label_required=False`` is *apply mode* (a drop of new patients to predict for): a patient without a
+    diagnosis Condition is admitted with an unknown label instead of being quarantined as
+    ``missing_label``; every other check, and ``records_in == accepted + quarantined``, stay the same.
 
     ``raw_dir`` may be ``s3://bucket/prefix`` (staged locally first). Raises ``FileNotFoundError`` when
     there is no raw directory, ``ValueError`` for a diagnosis map outside ``cohort.classes`` and
@@ -148,7 +153,8 @@ def run_ingest(
                            conditions=frames["condition"], notes=frames["note"], series=series,
                            identifiers=patient_identifiers(ehr.items["patient"]), mask_paths=found.masks,
                            dicom_names=dicom_names),
-            ManifestContext(ledger, pseudo, layout, raw_dir, list(config.lab_units), config.deid_max_age),
+            ManifestContext(ledger, pseudo, layout, raw_dir, list(config.lab_units), config.deid_max_age,
+                            label_required),
         )
         manifest.to_parquet(interim / MANIFEST_FILE, index=False)
 
