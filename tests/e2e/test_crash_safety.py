@@ -11,8 +11,9 @@ with the reason:
 * ``reports/ingest/gx/*.json``: great-expectations writes a load time and random expectation ids;
 * ``models/run.json``: the MLflow run id and registered version depend on the registry's history
   (a killed run may have registered a version already);
-* ``reports/promote/decision.json``: the decision's wording depends on the registry state; what
-  must hold is that the candidate ends up ``champion`` in both folders (checked instead).
+* ``reports/promote/decision.json`` and ``model_card.md`` (which reports that decision and the
+  registered version): the wording depends on the registry state; what must hold is that the
+  candidate ends up ``champion`` in both folders (checked instead).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ CRASH_OVERRIDES = [
     "cohort.n_patients=40", "evaluate.n_bootstrap=50", "explain.n_healthy=1", "explain.n_bootstrap=50",
     "generate.n_bootstrap=50",
 ]
-NOT_COMPARED = ("reports/ingest/gx/", "models/run.json", "reports/promote/decision.json")
+NOT_COMPARED = ("reports/ingest/gx/", "models/run.json", "reports/promote/decision.json",
+                "reports/promote/model_card.md")
 
 
 @dataclass

@@ -71,6 +71,7 @@ def test_trainjob_entry_point_two_processes(tiny_processed, tiny_params, tmp_pat
     shared = tmp_path / "shared"
     params = apply_overrides(tiny_params, [
         "train.epochs=2", "train.nodes=1", "train.gpus_per_node=2", f"pipeline.shared_volume_path={shared}",
+        "paths.checkpoints=checkpoints",  # relative: a multi-GPU run keeps it under the shared volume
     ])
     run = SharedRun.for_params(params, trainjob_name("0123456789abcdef"))
     request = build_trainjob(stage_inputs(params, processed, run), "meddiff:test", run, "0123456789abcdef")

@@ -7,6 +7,7 @@ import torch
 
 from meddiff.config import TrainConfig, apply_overrides, load_params
 from meddiff.data.batches import model_inputs, to_batch
+from meddiff.model.calibration import calibrated, load_temperature, log_probabilities
 from meddiff.model.inference import predict_proba
 from meddiff.model.multimodal import MedDiffModel
 from meddiff.training.loop import BEST_DIR, build_model, validation_auc, warmup_cosine
@@ -110,8 +111,12 @@ def test_registered_model_predicts_like_the_saved_one(trained_tiny) -> None:
     inputs = {k: v.numpy() for k, v in model_inputs(batch).items()}
     inputs["modality_present"] = batch["modality_present"].numpy()
     probs = pyfunc.predict(inputs)
-    expected = predict_proba(MedDiffModel.from_pretrained(trained_tiny["models"]), data, index)
-    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-6)
+    # the served probabilities are the saved model's, calibrated with the temperature train fitted
+    temperature = load_temperature(trained_tiny["models"])
+    assert temperature is not None
+    softmax = predict_proba(MedDiffModel.from_pretrained(trained_tiny["models"]), data, index)
+    np.testing.assert_allclose(probs, calibrated(log_probabilities(softmax), temperature), rtol=0, atol=1e-6)
+    assert probs.argmax(axis=1).tolist() == softmax.argmax(axis=1).tolist()
 
 
 def test_resume_after_interruption_matches_uninterrupted(tiny_processed, tiny_params, tmp_path) -> None:
