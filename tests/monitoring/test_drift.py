@@ -51,3 +51,11 @@ def test_mismatching_columns_are_an_error() -> None:
     rng = np.random.default_rng(5)
     with pytest.raises(ValueError, match="reference columns"):
         group_drift("ehr", _table(rng, 20), _table(rng, 20).drop(columns="crp"), drift_share=0.5)
+
+
+def test_the_pandas_3_bridge_returns_the_scalar_type_pandas_2_did() -> None:
+    from meddiff.monitoring.drift import _infer_dtype_from_object
+
+    assert _infer_dtype_from_object("int64") is np.int64
+    assert _infer_dtype_from_object(float) is np.float64
+    assert _infer_dtype_from_object("datetime64[ns]") is np.datetime64

@@ -21,20 +21,26 @@ import pandas as pd
 _DRIFT_DETECTED = "FAIL"
 
 
+def _infer_dtype_from_object(dtype: object) -> type:
+    """The scalar type of ``dtype`` (``numpy.int64`` for ``"int64"``): what pandas < 3's
+    ``pandas.core.dtypes.common.infer_dtype_from_object`` returned for a dtype, via its public successor
+    ``pandas.api.types.pandas_dtype``."""
+    from pandas.api.types import pandas_dtype
+
+    return pandas_dtype(dtype).type
+
+
 def _import_evidently() -> Any:
     """``evidently`` with its one pandas-3 incompatibility bridged.
 
     evidently 0.7.23 imports ``pandas.core.dtypes.common.infer_dtype_from_object`` at import time, which
-    pandas 3 removed; it is only called by the legacy ``TestColumnsType`` test, which meddiff never runs.
-    Binding the name to a function that raises keeps that contract visible instead of silently wrong.
+    pandas 3 removed (only evidently's legacy column-type test calls it); the name is bound to the
+    equivalent :func:`_infer_dtype_from_object` before the import.
     """
     import pandas.core.dtypes.common as dtypes_common
 
     if not hasattr(dtypes_common, "infer_dtype_from_object"):
-        def _removed_in_pandas_3(*_: object, **__: object) -> None:
-            raise NotImplementedError("infer_dtype_from_object was removed in pandas 3 (evidently legacy tests)")
-
-        dtypes_common.infer_dtype_from_object = _removed_in_pandas_3  # type: ignore[attr-defined]
+        dtypes_common.infer_dtype_from_object = _infer_dtype_from_object  # type: ignore[attr-defined]
     return importlib.import_module("evidently")
 
 
