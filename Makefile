@@ -15,7 +15,7 @@ PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 help:
 	@echo "make run      set up .venv, then dvc repro the whole pipeline on the built-in cohort"
 	@echo "make test     set up .venv, then run the test suite"
-	@echo "make suite    ablations, baselines, 3 seeds each, claims table (~30 min on 2 cores; after make run)"
+	@echo "make suite    external validation, ablations, baselines, 3 seeds each, claims table (after make run)"
 	@echo "make lint     ruff + import-linter (layers contract)"
 	@echo "make compile  compile the Kubeflow pipeline to pipeline.yaml"
 	@echo "make images REGISTRY=host/path   build + push the CPU and CUDA stage images (needs a Docker engine)"
@@ -49,7 +49,8 @@ run: $(STAMP)
 
 suite: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro suite/dvc.yaml
-	@echo "Reports: reports/evaluate/suite.md, suite.html, summary.md, claims.md, claims.json"
+	@echo "Reports: reports/evaluate/suite.md, suite.html, summary.md, claims.md, claims.json;"
+	@echo "         reports/external/metrics.json (the model of make run on the 2,000-patient external drop)"
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q

@@ -3,7 +3,9 @@
 1. **Throughput.** One synthetic cohort; the imaging part of ``ingest`` (header scan, grouping,
    geometry checks, decode + rescale, NIfTI write, DICOM de-identification) against a bare loop of
    ``pydicom.dcmread`` + ``pixel_array`` over the same files, in slices/s; ``ingest.num_workers`` 1, 2, …
-   up to the cores. The ratio per core = ingest slices/s per worker ÷ bare-loop slices/s.
+   up to the cores. The ratio per core = ingest slices/s per worker ÷ bare-loop slices/s. On a shared
+   machine wall-clock rates follow the other jobs, so the same runs are also reported per CPU second
+   (this process and its reaped workers: ``resource.getrusage``), with the load average before and after.
 2. **Memory.** Peak RSS (``resource.getrusage``, RUSAGE_CHILDREN) of a fresh process running
    ``cohort`` and, separately, ``ingest``, for two cohort sizes (default 1,000 and 3,000 patients);
    growth per 1,000 patients is reported so that 10,000 can be extrapolated (labelled as such).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -35,27 +38,36 @@ def _params(n_patients: int, workers: int = 0) -> dict:
             "preprocess": {"cache_dir": None}}
 
 
-def _bare_loop(files: list[Path]) -> float:
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (pool workers), user + system."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _bare_loop(files: list[Path]) -> tuple[float, float]:
+    """(slices per wall second, slices per CPU second) of dcmread + pixel_array + rescale."""
     import pydicom
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _cpu_seconds()
     for path in files:
         ds = pydicom.dcmread(path)
         _ = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    return len(files) / (time.perf_counter() - started)
+    return len(files) / (time.perf_counter() - started), len(files) / (_cpu_seconds() - cpu)
 
 
-def _ingest_imaging(raw: Path, files: list[Path], workers: int) -> float:
+def _ingest_imaging(raw: Path, files: list[Path], workers: int) -> tuple[float, float]:
+    """(slices per wall second, slices per CPU second) of ingest's imaging part with ``workers``."""
     from meddiff.data.deid import Pseudonymizer
     from meddiff.data.ingest import ingest_dicom
     from meddiff.data.quarantine import Ledger
 
     with tempfile.TemporaryDirectory() as scratch:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _cpu_seconds()
         rows, _, _ = ingest_dicom(raw, files, Path(scratch), Ledger(), workers, Pseudonymizer(b"b" * 32))
-        seconds = time.perf_counter() - started
-    assert rows, "no series assembled"
-    return len(files) / seconds
+        seconds, cpu_seconds = time.perf_counter() - started, _cpu_seconds() - cpu
+    if not rows:
+        raise RuntimeError("no series assembled: the benchmark cohort is unusable")
+    return len(files) / seconds, len(files) / cpu_seconds
 
 
 def throughput(n_patients: int, repeats: int) -> dict:
@@ -63,22 +75,29 @@ def throughput(n_patients: int, repeats: int) -> dict:
     from meddiff.data.cohort import generate_cohort
 
     cores = os.cpu_count() or 1
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as scratch:
         raw = Path(scratch) / "raw"
         generate_cohort(params_from_dict(_params(n_patients)), raw)
         files = sorted((raw / "imaging").rglob("*.dcm"))
         _bare_loop(files[:200])  # warm the page cache and imports
-        bare = max(_bare_loop(files) for _ in range(repeats))
-        by_workers = {}
+        bare_runs = [_bare_loop(files) for _ in range(repeats)]
+        bare, bare_cpu = max(r[0] for r in bare_runs), max(r[1] for r in bare_runs)
+        by_workers, cpu_rate = {}, {}
         for workers in sorted({1, 2, cores} | ({4} if cores >= 4 else set())):
             if workers <= cores:
-                by_workers[workers] = max(_ingest_imaging(raw, files, workers) for _ in range(repeats))
+                runs = [_ingest_imaging(raw, files, workers) for _ in range(repeats)]
+                by_workers[workers], cpu_rate[workers] = max(r[0] for r in runs), max(r[1] for r in runs)
     return {
         "patients": n_patients, "dicom_files": len(files), "cores": cores,
+        "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "bare_pydicom_slices_per_s": round(bare, 1),
         "ingest_slices_per_s": {str(k): round(v, 1) for k, v in by_workers.items()},
         "ratio_per_core": {str(k): round(v / k / bare, 3) for k, v in by_workers.items()},
         "speedup_vs_1_worker": {str(k): round(v / by_workers[1], 2) for k, v in by_workers.items()},
+        "bare_pydicom_slices_per_cpu_s": round(bare_cpu, 1),
+        "ingest_slices_per_cpu_s": {str(k): round(v, 1) for k, v in cpu_rate.items()},
+        "ratio_per_cpu_s": {str(k): round(v / bare_cpu, 3) for k, v in cpu_rate.items()},
     }
 
 

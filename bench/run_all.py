@@ -9,6 +9,11 @@ subprocess, keeps its full result under ``reports/bench/<name>.json`` and copies
   and the speed-up of more workers over one;
 * ``train_throughput``: our training step ÷ a minimal hand-written loop over the same model and
   batches (overhead), and achieved FLOP/s ÷ a matmul peak measured in the same run;
+* ``memory``: peak RSS of cohort, ingest, preprocess and one training epoch at a large ÷ a small cohort
+  (``--full``: 10,000 ÷ 1,000 patients, about an hour on 2 cores), and the data-loading share of the
+  training step;
+* ``modality_cost``: the training step of an EHR-only model ÷ that of the full three-modality model (a
+  modality the data lack costs nothing; target ≤ 0.10);
 * ``cohort_separability``: macro AUC of a logistic regression per modality on the processed cohort (a
   data check, not a speed ratio); it needs ``data/processed`` (``make run``) and is skipped without it.
 
@@ -65,6 +70,16 @@ def _train_ratios(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _memory_ratios(result: dict[str, Any]) -> dict[str, Any]:
+    ratios = {f"peak_rss_{stage}_large_vs_small": entry["ratio"] for stage, entry in result["ratios"].items()}
+    shares = [share for share in result["data_loading_share"].values() if share is not None]
+    return {**ratios, "train_data_loading_share": max(shares) if shares else None}
+
+
+def _modality_ratios(result: dict[str, Any]) -> dict[str, Any]:
+    return {"ehr_only_vs_full_train_step": result["ehr_only_vs_full_step"]}
+
+
 def _separability(result: dict[str, Any]) -> dict[str, Any]:
     return {f"macro_auc_{name}": entry["macro_auc"] for name, entry in result["results"].items()}
 
@@ -75,7 +90,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         writes="reports/bench/ingest_throughput.json",
     ),
     Benchmark("train_throughput", ("--steps", "5", "--rounds", "2"), _train_ratios),
+    Benchmark("modality_cost", ("--steps", "6"), _modality_ratios),
     Benchmark("cohort_separability", (), _separability, requires="data/processed/meta.json"),
+    Benchmark("memory", ("--sizes", "100", "400"), _memory_ratios),
 )
 
 

@@ -4,14 +4,18 @@
 
     if raw_uri == "":   cohort → ingest → preprocess → train ─┬→ evaluate → promote
                                                               ├→ generate
-                                                              └→ explain
+                                                              ├→ explain
+                                                              └→ external (only if external_uri != "")
     else:                        ingest(raw_uri) → …the same…
+
+With ``pipeline.ingest_shards`` = n > 1, ingest is a ``dsl.ParallelFor`` of n ``ingest --shard i/n`` tasks
+and a merge task that stands in for ``ingest`` (:mod:`meddiff_pipelines.ingest_shards`).
 
 The graph is derived from the stage table (:data:`meddiff.stage_table.STAGES`): every stage input is
 wired to the output of the earlier stage that carries the same data, so the table is the one place
 that says what runs after what, and what each task needs (resources, GPU, retries, caching).
 
-Two pipeline parameters. ``params_json`` carries every hyperparameter: its default is the validated
+Three pipeline parameters. ``params_json`` carries every hyperparameter: its default is the validated
 params (``params.yaml`` plus any ``--set`` overrides) as JSON, so a run started without arguments uses
 exactly the params the pipeline was compiled from, and a run can override the whole object.
 ``raw_uri`` names the team's raw drop (``s3://bucket/prefix`` or ``dvc://<repo>?path=…&rev=…``, see
@@ -21,7 +25,9 @@ built-in cohort and ingest reads it; with one, ``cohort`` does not run and inges
 stages from ingest on are the same tasks in both branches (built by one loop). The fork holds the whole
 chain because KFP cannot consume a task inside a ``dsl.If`` from outside it except through
 ``dsl.OneOf``, which ``kfp.local`` 2.17 cannot run for artifacts ("Expected 1 artifact in
-ArtifactSelectorSpec"); one branch runs, so a run still has one task per stage.
+ArtifactSelectorSpec"); one branch runs, so a run still has one task per stage. ``external_uri`` (default
+``evaluate.external_uri``, "") names a labelled drop of another hospital or period: when given, the
+``external`` task scores the trained model on it (external validation, :mod:`meddiff.evaluation.external`).
 
 ``data_version`` is no pipeline parameter: ingest returns the content hash of the drop it read (S3
 ETag manifest, DVC md5, or the hash of the cohort's files) as its output ``data_version``, and every
@@ -50,11 +56,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
+from meddiff_components.external import build_external_component
 from meddiff_components.stages import build_components
 from meddiff_components.trainjob import (  # one list for tasks and TrainJob nodes
     CREDENTIAL_KEYS,  # the Secret's keys
     PIPELINE_POD_LABELS,  # what infra/'s NetworkPolicies admit to MLflow and the object store
 )
+from meddiff_pipelines.ingest_shards import add_ingest_fan_out
 from meddiff_pipelines.trainjob import configure_launcher, launches_trainjob, task_resources
 
 from meddiff.config import Params, PipelineConfig
@@ -65,6 +73,8 @@ PIPELINE_NAME = "meddiff"
 #: display names of the two branches of the fork on ``raw_uri``
 COHORT_BRANCH = "built-in cohort (no raw_uri)"
 DROP_BRANCH = "raw drop (raw_uri)"
+#: display name of the condition around external validation (only with an ``external_uri``)
+EXTERNAL_BRANCH = "external validation (external_uri)"
 #: the stage that reads the raw drop and computes the data version (the table's ``fetches``)
 FETCHING_STAGE = next(name for name in PIPELINE_STAGES if STAGES[name].fetches)
 #: the stages before it write what it may fetch instead (the built-in cohort): they run only without a URI
@@ -169,6 +179,17 @@ def add_stage_tasks(
             arguments[uri_parameter] = uri
         elif FETCHING_STAGE in tasks:
             arguments[DATA_VERSION_OUTPUT] = tasks[FETCHING_STAGE].outputs[DATA_VERSION_OUTPUT]
+        if name == FETCHING_STAGE and params.pipeline.ingest_shards > 1:  # ParallelFor over shards, then merge
+
+            def configure_fetching(fan_task: dsl.PipelineTask) -> dsl.PipelineTask:
+                _configure(fan_task, FETCHING_STAGE, params.pipeline, task_resources(FETCHING_STAGE, params))
+                if from_uri:
+                    fan_task.set_caching_options(enable_caching=False)
+                return fan_task
+
+            tasks[name] = add_ingest_fan_out(components[name], params.pipeline.ingest_shards, arguments, name,
+                                             configure_fetching)
+            continue
         task = components[name](**arguments)
         task.set_display_name(name)  # the second branch's tasks would otherwise show as "ingest-2", …
         tasks[name] = _configure(task, name, params.pipeline, task_resources(name, params))
@@ -178,6 +199,18 @@ def add_stage_tasks(
         if launches_trainjob(name, params):  # train.nodes × train.gpus_per_node > 1
             configure_launcher(task, components[name], params)
     return tasks
+
+
+def add_external_validation(
+    component: Callable[..., dsl.PipelineTask], tasks: dict[str, dsl.PipelineTask], params: Params, params_json: str,
+    external_uri: str,
+) -> None:
+    """Inside ``dsl.If(external_uri != "")``: the ``external`` task scoring the model trained by ``tasks`` on the
+    labelled drop ``external_uri`` (:mod:`meddiff.evaluation.external`)."""
+    with dsl.If(external_uri != "", name=EXTERNAL_BRANCH):
+        task = component(params_json=params_json, external_uri=external_uri,
+                         model=tasks["train"].outputs["model"])
+        _configure(task, "external", params.pipeline).set_display_name("external")
 
 
 def build_pipeline(
@@ -203,13 +236,19 @@ def build_pipeline(
     if uri_parameter != "raw_uri":  # the pipeline function below spells the parameter out
         raise ValueError(f"stage {FETCHING_STAGE!r} fetches {uri_parameter!r}; the pipeline declares raw_uri")
 
+    external = build_external_component(image)
+    default_external_uri = params.evaluate.external_uri
+
     @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
-    def meddiff(params_json: str = default_params_json, raw_uri: str = default_raw_uri) -> None:
+    def meddiff(params_json: str = default_params_json, raw_uri: str = default_raw_uri,
+                external_uri: str = default_external_uri) -> None:
         with dsl.If(raw_uri == "", name=COHORT_BRANCH):
-            add_stage_tasks(components, PIPELINE_STAGES, params, params_json, raw_uri, from_uri=False)
+            tasks = add_stage_tasks(components, PIPELINE_STAGES, params, params_json, raw_uri, from_uri=False)
+            add_external_validation(external, tasks, params, params_json, external_uri)
         with dsl.Else(name=DROP_BRANCH):
-            add_stage_tasks(components, PIPELINE_STAGES[len(SOURCE_STAGES):], params, params_json, raw_uri,
-                            from_uri=True)
+            tasks = add_stage_tasks(components, PIPELINE_STAGES[len(SOURCE_STAGES):], params, params_json, raw_uri,
+                                    from_uri=True)
+            add_external_validation(external, tasks, params, params_json, external_uri)
 
     return meddiff
 

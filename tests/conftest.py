@@ -11,6 +11,7 @@ import pytest
 
 from meddiff.config import Params, apply_overrides
 from meddiff.data.dataset import ProcessedDataset, save_processed
+from tests.trained_cohort import trained  # noqa: F401  (a session fixture: the trained tiny cohort)
 
 CLASS_NAMES = ["healthy", "disease_a", "disease_b", "rare_c"]
 

@@ -130,10 +130,11 @@ def test_closure_sees_imports_inside_functions() -> None:
     assert "meddiff.tracking" in import_closure(STAGES["evaluate"])
 
 
-def test_suite_dvc_stage_depends_on_all_code_it_imports() -> None:
+@pytest.mark.parametrize("name", ["external_drop", "external", "suite"])
+def test_suite_dvc_stages_depend_on_all_code_they_import(name: str) -> None:
     """``suite/dvc.yaml`` (``make suite``) is held to the same rule as the main pipeline."""
-    (entry,) = yaml.safe_load((REPO / "suite" / "dvc.yaml").read_text())["stages"].values()
-    closure = import_closure(STAGES["suite"])
+    entry = yaml.safe_load((REPO / "suite" / "dvc.yaml").read_text())["stages"][name]
+    closure = import_closure(STAGES[name])
     missing = sorted({code_dependency(module) for module in closure} - set(entry["deps"]))
-    assert not missing, f"suite/dvc.yaml runs code it does not depend on: add {missing} to its deps"
-    assert set(entry["params"]) == set(STAGES["suite"].params)
+    assert not missing, f"suite/dvc.yaml stage {name!r} runs code it does not depend on: add {missing} to its deps"
+    assert set(entry["params"]) == set(STAGES[name].params)

@@ -26,8 +26,12 @@ def test_bad_value_is_named() -> None:
 
 
 def test_prevalence_must_match_classes() -> None:
-    with pytest.raises(ParamsError, match="class_prevalence"):
-        params_from_dict({"cohort": {"classes": ["a", "b"], "class_prevalence": [1.0]}})
+    from meddiff.data.cohort import plan_cohort
+
+    params = params_from_dict({"dataset": {"classes": {"a": {"icd10": ["A00"]}, "b": {"icd10": ["B00"]}}},
+                               "cohort": {"class_prevalence": [1.0]}})
+    with pytest.raises(ParamsError, match=r"cohort\.class_prevalence has 1 entries but dataset\.classes has 2"):
+        plan_cohort(params.cohort, params.dataset.class_names, params.seed)
 
 
 def test_overrides_parse_yaml_values() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,25 @@ def test_new_sqlite_store_is_created_beside_and_renamed_in(tmp_path: Path, monke
     first = tracking.setup_experiment(config)
     assert tracking.setup_experiment(config) == first  # the store opens again with its experiment
     assert (tmp_path / "sub" / "mlruns.db").is_file()
-    assert not list((tmp_path / "sub").glob(f".mlruns.db.{__import__('os').getpid()}.tmp"))
+    assert not list((tmp_path / "sub").glob(f".mlruns.db.{os.getpid()}.tmp"))
+
+
+def test_each_params_store_is_used_and_the_user_override_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's set_tracking_uri exports $MLFLOW_TRACKING_URI; a second params' store must still win in the
+    same process (it did not: the first store leaked into every later stage), and a user's variable stays."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/a.db", artifact_location=str(tmp_path / "a"))
+    second = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/b.db", artifact_location=str(tmp_path / "b"))
+    tracking.setup_experiment(first)
+    tracking.setup_experiment(second)
+    assert mlflow.get_tracking_uri() == second.tracking_uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", first.tracking_uri)
+    tracking.setup_experiment(second)  # the user's variable overrides params and is left as it was
+    assert mlflow.get_tracking_uri() == first.tracking_uri
+    assert os.environ["MLFLOW_TRACKING_URI"] == first.tracking_uri
 
 
 def test_data_version_tags_the_run_and_the_model_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,8 +52,45 @@ def build_parser() -> argparse.ArgumentParser:
                 f"dvc://<repo>?path=<path>&rev=<rev> or a folder (default: params {spec.uri_params})",
             )
 
+    _add_ingest_shards(commands)
+    _add_preprocess_shards(commands)
     _add_pipeline(commands)
     return parser
+
+
+def _add_ingest_shards(commands: argparse._SubParsersAction) -> None:
+    """``ingest --shard i/n`` and ``ingest-merge --shards n`` (logic: meddiff.data.ingest.shard)."""
+    commands.choices["ingest"].add_argument(
+        "--shard", default=None, metavar="I/N",
+        help="ingest only shard I of N (0-based; patients by SHA-256 of the raw id; records without a patient: "
+        "shard 0); outputs go to <folder>-shard-I-of-N; merge them with `meddiff ingest-merge --shards N`",
+    )
+    merge = commands.add_parser(
+        "ingest-merge", help="merge the outputs of `ingest --shard i/N` (i = 0…N-1) into one ingest's outputs",
+        description="Merge the N shard outputs of `meddiff ingest --shard i/N` (read from <folder>-shard-i-of-N) "
+        "into the interim, quarantine and report folders of one unsharded ingest (docs/data.md).",
+    )
+    _add_common(merge)
+    merge.add_argument("--shards", type=int, required=True, metavar="N", help="the shard count N")
+    for argument in ("interim_dir", "quarantine_dir", "report_dir"):
+        merge.add_argument("--" + argument.replace("_", "-"), dest=argument, default=None,
+                           help="merged output (default: as `meddiff ingest`); shards are read from its "
+                           "-shard-i-of-N siblings")
+
+
+def _add_preprocess_shards(commands: argparse._SubParsersAction) -> None:
+    """``preprocess --shard i/n`` and ``preprocess --merge <shard folders>`` (logic: meddiff.data.preprocess)."""
+    preprocess = commands.choices["preprocess"]
+    preprocess.add_argument(
+        "--shard", dest="preprocess_shard", default=None, metavar="I/N",
+        help="run only the images of shard I of N (0-based; patients by SHA-256 of the manifest's patient_id) "
+        "into --processed-dir, a shard folder (--report-dir is not written); combine them with --merge",
+    )
+    preprocess.add_argument(
+        "--merge", dest="preprocess_merge", nargs="+", default=None, metavar="SHARD_DIR",
+        help="the folders of `preprocess --shard i/N` for i = 0…N-1: fit splits, tokenizer and scaler on the whole "
+        "manifest and take the volumes from the shards (hard-linked) instead of running the images",
+    )
 
 
 def _add_pipeline(commands: argparse._SubParsersAction) -> None:
@@ -115,13 +152,41 @@ def _run_stage(args: argparse.Namespace) -> int:
     spec = STAGES[args.command]
     paths = {port.argument: getattr(args, port.argument) for port in spec.ports}
     uri = getattr(args, spec.uri_argument) if spec.fetches else None
+    options = None
+    if getattr(args, "shard", None):  # ingest --shard i/n: outputs go to the shard's own sibling folders
+        from meddiff.data.ingest.shard import Shard, shard_output_folders
+
+        try:
+            options = {"shard": Shard.parse(args.shard)}
+        except ValueError as error:
+            print(f"meddiff {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        from meddiff.stages import default_paths
+
+        defaults = default_paths(params, args.command)
+        outputs = {port.argument: Path(paths[port.argument] or defaults[port.argument]) for port in spec.outputs}
+        paths.update(shard_output_folders(options["shard"], outputs))
+    if getattr(args, "preprocess_shard", None) or getattr(args, "preprocess_merge", None):
+        options = {"shard": args.preprocess_shard, "merge": [Path(m) for m in args.preprocess_merge or ()]}
     started = time.perf_counter()
-    result, data_version = run_versioned(args.command, params, uri=uri, **paths)
+    result, data_version = run_versioned(args.command, params, uri=uri, options=options, **paths)
     LOG.info("%s finished in %.1f s", args.command, time.perf_counter() - started)
     payload = result_to_dict(result)
     if spec.fetches:  # the hash of the drop read: the data version of every later stage
         payload["data_version"] = data_version
     print(json.dumps(payload, indent=2, default=str))
+    return 0
+
+
+def _run_ingest_merge(args: argparse.Namespace) -> int:
+    from meddiff.data.ingest.shard import merge_ingest_shards
+    from meddiff.stages import default_paths, result_to_dict
+
+    defaults = default_paths(_load(args), "ingest")  # the merged folders: as `meddiff ingest` writes them
+    folders = {key: Path(getattr(args, key) or defaults[key])
+               for key in ("interim_dir", "quarantine_dir", "report_dir")}
+    result = merge_ingest_shards(args.shards, **folders)
+    print(json.dumps(result_to_dict(result), indent=2, default=str))
     return 0
 
 
@@ -182,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "pipeline":
             return _run_pipeline(args)
+        if args.command == "ingest-merge":
+            return _run_ingest_merge(args)
         return _run_stage(args)
     except (UserError, FileNotFoundError) as error:
         print(f"meddiff {args.command}: error: {error}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meddiff.errors import UserError
-from meddiff.stage_table import PIPELINE_STAGES
+from meddiff.stage_table import STAGES
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -41,21 +42,19 @@ class PathsConfig(_Section):
     checkpoints: Path = Path("checkpoints")
     #: the raw drop of new (unlabelled) patients that `meddiff predict` scores (`meddiff new_patients` writes one)
     new_patients: Path = Path("data/raw_new")
+    #: the labelled external-validation drop (`meddiff external_drop` writes one) and, admitted in apply mode
+    #: by `meddiff external`, its interim/quarantine/processed folders
+    external: Path = Path("data/raw_external")
+    external_processed: Path = Path("data/external")
 
 
 class CohortConfig(_Section):
-    """The built-in synthetic head-CT cohort (``meddiff cohort``), see ``docs/data.md``."""
+    """The built-in synthetic head-CT cohort (``meddiff cohort``), see ``docs/data.md``. Its patients have the
+    classes of ``dataset.classes`` (each written as the class's first ICD-10 code) at ``class_prevalence``."""
 
     n_patients: PositiveInt = 400
-    classes: list[str] = ["healthy", "ischemic_stroke", "intracerebral_hemorrhage", "brain_abscess"]
+    #: share of each class of ``dataset.classes``, in that order (checked when the cohort is generated)
     class_prevalence: list[PositiveFloat] = [0.45, 0.28, 0.23, 0.04]
-    #: class -> ICD-10 code written as the FHIR R4 Condition.code of every patient of that class
-    condition_icd10: dict[str, str] = {
-        "healthy": "Z03.89",
-        "ischemic_stroke": "I63.9",
-        "intracerebral_hemorrhage": "I61.9",
-        "brain_abscess": "G06.0",
-    }
     volume_shape: tuple[PositiveInt, PositiveInt, PositiveInt] = (24, 48, 48)
     pixel_spacing_mm: PositiveFloat = 4.0
     slice_thickness_mm: PositiveFloat = 6.0
@@ -72,23 +71,6 @@ class CohortConfig(_Section):
     lab_alternative_unit_fraction: Fraction = 0.25
     corrupt_fraction: Fraction = 0.03
     num_workers: Annotated[int, Field(ge=0)] = 0
-
-    @model_validator(mode="after")
-    def _prevalence_matches_classes(self) -> CohortConfig:
-        if len(self.classes) != len(self.class_prevalence):
-            raise ValueError(
-                f"class_prevalence has {len(self.class_prevalence)} entries but classes has "
-                f"{len(self.classes)}"
-            )
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"classes must be unique, got {self.classes}")
-        if len(self.classes) < 2:
-            raise ValueError("at least two classes are needed")
-        if set(self.condition_icd10) != set(self.classes):
-            raise ValueError(
-                f"condition_icd10 must map exactly the classes {self.classes}, got {sorted(self.condition_icd10)}"
-            )
-        return self
 
 
 class DropConfig(_Section):
@@ -151,15 +133,136 @@ class PredictConfig(_Section):
     new_patients_uri: str = ""
 
 
-#: canonical lab name -> (LOINC codes accepted for it, canonical UCUM unit)
-_DEFAULT_LABS: dict[str, tuple[list[str], str]] = {
-    "wbc": (["6690-2"], "10*3/uL"),
-    "crp": (["1988-5"], "mg/L"),
-    "glucose": (["2345-7", "14749-6"], "mmol/L"),
-    "systolic_bp": (["8480-6"], "mm[Hg]"),
-    "inr": (["6301-6"], "{INR}"),
-    "temperature": (["8310-5"], "Cel"),
+class ClassSpec(_Section):
+    """One diagnosis class of the dataset (``dataset.classes.<name>``)."""
+
+    #: ICD-10 codes or code prefixes mapped onto the class (FHIR Condition.code, MIMIC ``diagnoses_icd.icd_code``;
+    #: dots ignored, the longest match over all classes wins). The first is the class's own code wherever meddiff
+    #: writes a diagnosis: the built-in cohort's and generated patients' Conditions, RiskAssessment outcomes.
+    icd10: Annotated[list[str], Field(min_length=1)]
+
+    @field_validator("icd10")
+    @classmethod
+    def _codes_look_like_icd10(cls, value: list[str]) -> list[str]:
+        for code in value:
+            if not ICD10_PATTERN.fullmatch(code.strip()):
+                raise ValueError(f"{code!r} is not an ICD-10 code or prefix (a letter, two digits, then ., digits)")
+        return value
+
+
+class FeatureSpec(_Section):
+    """One numeric EHR feature of the dataset (``dataset.features.<name>``), harmonised to one unit."""
+
+    #: UCUM unit every value is converted to (meddiff.data.fhir.harmonise; a value in another unit without a
+    #: known conversion is quarantined ``unknown_unit``)
+    unit: str
+    #: accepted physiological range [low, high] in ``unit``; a value outside is quarantined ``out_of_range``
+    range: tuple[float, float]
+    #: LOINC codes read as this feature (FHIR Observation.code.coding)
+    loinc: list[str] = []
+    #: MIMIC-IV ``hosp.d_labitems`` itemids read as this feature (``ehr/labevents.csv``)
+    mimic_itemids: list[int] = []
+
+    @model_validator(mode="after")
+    def _readable_and_ordered(self) -> FeatureSpec:
+        if not self.loinc and not self.mimic_itemids:
+            raise ValueError("needs at least one LOINC code or MIMIC itemid (nothing would be read as it)")
+        low, high = self.range
+        if low >= high:
+            raise ValueError(f"range must have low < high, got [{low}, {high}]")
+        return self
+
+
+#: ICD-10 code or prefix: chapter letter, two digits, optionally a dot and up to 4 more characters
+ICD10_PATTERN = re.compile(r"[A-Za-z][0-9]{2}(\.?[0-9A-Za-z]{0,4})?")
+
+_DEFAULT_CLASSES: dict[str, ClassSpec] = {
+    "healthy": ClassSpec(icd10=["Z03.89"]),  # observation for suspected condition, ruled out
+    "ischemic_stroke": ClassSpec(icd10=["I63.9", "I63"]),
+    "intracerebral_hemorrhage": ClassSpec(icd10=["I61.9", "I61"]),
+    "brain_abscess": ClassSpec(icd10=["G06.0"]),
 }
+_DEFAULT_FEATURES: dict[str, FeatureSpec] = {
+    "wbc": FeatureSpec(unit="10*3/uL", range=(0.5, 60.0), loinc=["6690-2"], mimic_itemids=[51301, 51300]),
+    "crp": FeatureSpec(unit="mg/L", range=(0.0, 500.0), loinc=["1988-5"], mimic_itemids=[50889]),
+    "glucose": FeatureSpec(unit="mmol/L", range=(1.0, 45.0), loinc=["2345-7", "14749-6"], mimic_itemids=[50931]),
+    "systolic_bp": FeatureSpec(unit="mm[Hg]", range=(50.0, 260.0), loinc=["8480-6"]),
+    "inr": FeatureSpec(unit="{INR}", range=(0.5, 10.0), loinc=["6301-6"], mimic_itemids=[51237]),
+    "temperature": FeatureSpec(unit="Cel", range=(30.0, 44.0), loinc=["8310-5"]),
+}
+
+
+class DatasetConfig(_Section):
+    """What the data are: diagnosis classes, numeric EHR features and modalities (docs/data.md, "Bring your own
+    dataset"). The one place they are declared: the cohort generator, ingest, preprocess, the model and the
+    FHIR writers all read them from here. Defaults: the built-in head-CT cohort."""
+
+    #: class name -> its codes, in the model's class order (at least two)
+    classes: dict[str, ClassSpec] = _DEFAULT_CLASSES
+    #: canonical feature name -> unit, range and codes, in the model's feature order (age and sex are added)
+    features: dict[str, FeatureSpec] = _DEFAULT_FEATURES
+    #: the modalities the data have; the model neither builds, runs, masks nor imputes any other
+    modalities: Annotated[list[Literal["image", "text", "tabular"]], Field(min_length=1)] = ["image", "text", "tabular"]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetConfig:
+        if len(self.classes) < 2:
+            raise ValueError(f"classes: at least two classes are needed, got {list(self.classes)}")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities: listed twice in {self.modalities}")
+        for kind, groups in (
+            ("ICD-10 code", {name: [_bare_icd10(c) for c in spec.icd10] for name, spec in self.classes.items()}),
+            ("LOINC code", {name: spec.loinc for name, spec in self.features.items()}),
+            ("MIMIC itemid", {name: spec.mimic_itemids for name, spec in self.features.items()}),
+        ):
+            section = "classes" if kind == "ICD-10 code" else "features"
+            owner: dict[Any, str] = {}
+            for name, codes in groups.items():
+                for code in codes:
+                    if code in owner:
+                        raise ValueError(f"{section}.{name}: {kind} {code} is mapped to {owner[code]!r} already")
+                    owner[code] = name
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class names in the model's order."""
+        return list(self.classes)
+
+    @property
+    def icd10_to_class(self) -> dict[str, str]:
+        """ICD-10 code or prefix -> class (meddiff.data.fhir.icd10_class matches the longest prefix)."""
+        return {code: name for name, spec in self.classes.items() for code in spec.icd10}
+
+    @property
+    def class_icd10(self) -> dict[str, str]:
+        """Class -> its own ICD-10 code (the first listed), the code written for a patient of that class."""
+        return {name: spec.icd10[0] for name, spec in self.classes.items()}
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.features)
+
+    @property
+    def feature_units(self) -> dict[str, str]:
+        return {name: spec.unit for name, spec in self.features.items()}
+
+    @property
+    def feature_ranges(self) -> dict[str, tuple[float, float]]:
+        return {name: spec.range for name, spec in self.features.items()}
+
+    @property
+    def feature_by_loinc(self) -> dict[str, str]:
+        return {code: name for name, spec in self.features.items() for code in spec.loinc}
+
+    @property
+    def feature_by_itemid(self) -> dict[int, str]:
+        return {item: name for name, spec in self.features.items() for item in spec.mimic_itemids}
+
+
+def _bare_icd10(code: str) -> str:
+    """``i63.9`` and ``I639`` are one code (as meddiff.data.fhir.icd10_class compares them)."""
+    return code.replace(".", "").strip().upper()
 
 
 class IngestConfig(_Section):
@@ -168,25 +271,6 @@ class IngestConfig(_Section):
     #: the raw drop to read instead of ``paths.raw`` (the built-in cohort): ``s3://bucket/prefix``,
     #: ``dvc://<repo>?path=<path>&rev=<rev>`` or a folder (meddiff.data.drop); "" reads ``paths.raw``
     raw_uri: str = ""
-    #: canonical lab -> LOINC codes mapped onto it (FHIR R4 Observation.code.coding)
-    lab_loinc: dict[str, list[str]] = {name: codes for name, (codes, _) in _DEFAULT_LABS.items()}
-    #: canonical lab -> UCUM unit every value is harmonised to
-    lab_units: dict[str, str] = {name: unit for name, (_, unit) in _DEFAULT_LABS.items()}
-    lab_ranges: dict[str, tuple[float, float]] = {
-        "wbc": (0.5, 60.0),
-        "crp": (0.0, 500.0),
-        "glucose": (1.0, 45.0),
-        "systolic_bp": (50.0, 260.0),
-        "inr": (0.5, 10.0),
-        "temperature": (30.0, 44.0),
-    }
-    #: ICD-10 code (or code prefix, matched longest first) -> diagnosis class
-    icd10_to_class: dict[str, str] = {
-        "Z03.89": "healthy",
-        "I63": "ischemic_stroke",
-        "I61": "intracerebral_hemorrhage",
-        "G06.0": "brain_abscess",
-    }
     age_range: tuple[int, int] = (0, 120)
     min_note_chars: Annotated[int, Field(ge=0)] = 20
     #: the date ages are computed at (ISO 8601); fixed so that ingest is reproducible
@@ -209,23 +293,8 @@ class IngestConfig(_Section):
     accepted_modalities: Annotated[list[Literal["CT", "MR"]], Field(min_length=1)] = ["CT", "MR"]
     #: BraTS layout ``imaging/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``: the channel used as the image
     brats_channel: Literal["t1", "t1ce", "t2", "flair"] = "flair"
-    #: MIMIC-IV style CSV (``ehr/labevents.csv``): itemid -> canonical lab (hosp module ``d_labitems``)
-    mimic_lab_itemids: dict[str, list[int]] = {
-        "wbc": [51301, 51300],  # White Blood Cells / WBC Count (Hematology, Blood), K/uL
-        "crp": [50889],         # C-Reactive Protein (Chemistry, Blood), mg/L
-        "glucose": [50931],     # Glucose (Chemistry, Blood), mg/dL
-        "inr": [51237],         # INR(PT) (Hematology, Blood), no unit
-    }
     #: acquisition site recorded for patients read from ``ehr/patients.csv`` (MIMIC has no site column)
     mimic_site: str = "mimic_iv"
-
-    @field_validator("lab_ranges")
-    @classmethod
-    def _ranges_ordered(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-        for lab, (low, high) in value.items():
-            if low >= high:
-                raise ValueError(f"range for {lab!r} must have low < high, got [{low}, {high}]")
-        return value
 
     @field_validator("reference_date")
     @classmethod
@@ -237,24 +306,6 @@ class IngestConfig(_Section):
         except ValueError:
             raise ValueError(f"reference_date must be an ISO date YYYY-MM-DD, got {value!r}") from None
         return value
-
-    @model_validator(mode="after")
-    def _labs_consistent(self) -> IngestConfig:
-        names = set(self.lab_loinc)
-        for key in ("lab_units", "lab_ranges"):
-            other = set(getattr(self, key))
-            if other != names:
-                raise ValueError(f"{key} must cover exactly the labs of lab_loinc {sorted(names)}, got {sorted(other)}")
-        codes = [code for group in self.lab_loinc.values() for code in group]
-        if len(codes) != len(set(codes)):
-            raise ValueError("a LOINC code is mapped to more than one lab in lab_loinc")
-        unknown = sorted(set(self.mimic_lab_itemids) - names)
-        if unknown:
-            raise ValueError(f"mimic_lab_itemids maps to {unknown}, not labs of lab_loinc {sorted(names)}")
-        itemids = [item for group in self.mimic_lab_itemids.values() for item in group]
-        if len(itemids) != len(set(itemids)):
-            raise ValueError("an itemid is mapped to more than one lab in mimic_lab_itemids")
-        return self
 
 
 class PreprocessConfig(_Section):
@@ -346,9 +397,9 @@ class DiffusionConfig(_Section):
     class_dropout_p: Fraction = 0.1
     impute_missing_latents: bool = False
     imputation_steps: PositiveInt = 20
-    refine_epochs: Annotated[int, Field(ge=0)] = 25
+    refine_epochs: Annotated[int, Field(ge=0)] = 400
     refine_learning_rate: PositiveFloat = 1e-3
-    refine_batch_size: PositiveInt = 64
+    refine_batch_size: PositiveInt = 32
 
 
 class TrainConfig(_Section):
@@ -400,6 +451,11 @@ class EvaluateConfig(_Section):
     suite_epochs: PositiveInt | None = 5
     #: every suite model is trained with seeds ``seed``, ``seed`` + 1, … (this many)
     suite_seeds: PositiveInt = 3
+    #: latent-diffusion refinement epochs of every suite model (null = train.diffusion.refine_epochs); the
+    #: suite decides classification claims, the generation claims come from the model of `make run`
+    suite_refine_epochs: Annotated[int, Field(ge=0)] | None = 25
+    #: `meddiff external`: the labelled drop to validate on (s3://…, dvc://… or a folder); "" = paths.external
+    external_uri: str = ""
 
 
 class PromoteConfig(_Section):
@@ -412,11 +468,17 @@ class PromoteConfig(_Section):
 class GenerateConfig(_Section):
     n_per_class: PositiveInt = 24
     num_inference_steps: PositiveInt = 50
-    guidance_scale: Annotated[float, Field(ge=0.0)] = 2.0
+    guidance_scale: Annotated[float, Field(ge=0.0)] = 4.0
     #: resamples of the test patients for the TSTR / train-on-real AUC intervals
     n_bootstrap: PositiveInt = 500
     #: closest synthetic→training pairs listed in the privacy report, per space
     n_closest_pairs: PositiveInt = 5
+    #: quality sets (validation-split size, training prevalence) the Fréchet distances and precision/recall average
+    n_quality_draws: PositiveInt = 5
+    #: k of the k-NN manifolds of precision/recall (Kynkäänniemi et al. 2019 use 3)
+    precision_recall_k: PositiveInt = 3
+    #: a 2-D TorchScript feature network (e.g. RadImageNet) for a second 2.5-D FID; never downloaded; null = none
+    fid_checkpoint: str | None = None
 
 
 ExplainMethod = Literal["attention", "grad_attention", "integrated_gradients", "grad_cam", "occlusion"]
@@ -490,6 +552,7 @@ class PipelineConfig(_Section):
         "promote": 1800,
         "generate": 3600,
         "explain": 3600,
+        "external": 3600,
     }
     #: 6-field cron (seconds minutes hours day-of-month month day-of-week) of `pipeline schedule`
     schedule_cron: str = "0 0 3 * * 1"
@@ -499,13 +562,15 @@ class PipelineConfig(_Section):
     shared_volume: str = "meddiff-training"
     #: where that claim is mounted; a relative paths.checkpoints resolves under it
     shared_volume_path: str = "/mnt/meddiff"
+    #: ingest tasks run side by side (dsl.ParallelFor over `ingest --shard i/n`, then one merge); 1 = one task
+    ingest_shards: PositiveInt = 1
 
     @field_validator("timeouts")
     @classmethod
     def _timeouts_name_stages(cls, value: dict[str, int]) -> dict[str, int]:
-        unknown = sorted(set(value) - set(PIPELINE_STAGES))
+        unknown = sorted(set(value) - set(STAGES))
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; stages are {list(PIPELINE_STAGES)}")
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
         return value
 
     @field_validator("schedule_cron")
@@ -525,6 +590,7 @@ class Params(_Section):
 
     seed: int = 42
     paths: PathsConfig = PathsConfig()
+    dataset: DatasetConfig = DatasetConfig()
     cohort: CohortConfig = CohortConfig()
     drops: DropsConfig = DropsConfig()
     ingest: IngestConfig = IngestConfig()

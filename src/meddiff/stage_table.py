@@ -154,6 +154,8 @@ _EVALUATION = Port("evaluation_dir", "evaluate_report", "reports", "evaluate", A
 _EXPLANATION = Port("explanation_dir", "explain_report", "reports", "explain", ArtifactKind.ARTIFACT)
 _DATA_CARD = Port("data_card_dir", "preprocess_report", "reports", "preprocess", ArtifactKind.ARTIFACT)
 _NEW_PATIENTS = Port("new_patients_dir", "new_patients", "new_patients")
+_EXTERNAL = Port("external_dir", "external", "external")
+_EXTERNAL_PROCESSED = Port("external_processed_dir", "external_processed", "external_processed")
 
 
 def _report(stage: str) -> Port:
@@ -172,24 +174,24 @@ STAGES: dict[str, Stage] = {
         Stage(
             "cohort", "meddiff.data.cohort", "generate_cohort",
             "write the built-in synthetic cohort (DICOM, NIfTI masks, FHIR R4, notes)",
-            inputs=(), outputs=(_RAW,), params=("seed", "cohort"), resources=_SMALL, retry=True,
+            inputs=(), outputs=(_RAW,), params=("seed", "dataset", "cohort"), resources=_SMALL, retry=True,
         ),
         Stage(
             "ingest", "meddiff.data.ingest", "run_ingest",
             "read, de-identify, validate (great-expectations) and quarantine raw records",
             inputs=(_RAW,), outputs=(_INTERIM, _QUARANTINE, _report("ingest")),
-            params=("cohort", "ingest"), resources=_DATA, retry=True, fetches="raw_dir",
+            params=("dataset", "ingest"), resources=_DATA, retry=True, fetches="raw_dir",
         ),
         Stage(
             "preprocess", "meddiff.data.preprocess", "run_preprocess",
             "MONAI transforms, note tokenizer, tabular scaling, stratified splits",
             inputs=(_INTERIM,), outputs=(_PROCESSED, _report("preprocess")),
-            params=("seed", "cohort", "ingest", "preprocess"), resources=_DATA,
+            params=("seed", "dataset", "ingest", "preprocess"), resources=_DATA,
         ),
         Stage(
             "train", "meddiff.training.train", "run_train",
             "train the multimodal diffusion model; log and register it in MLflow",
-            inputs=(_PROCESSED,), outputs=(_MODEL,), params=("seed", "train", "monitor", "tracking"),
+            inputs=(_PROCESSED,), outputs=(_MODEL,), params=("seed", "dataset", "train", "monitor", "tracking"),
             resources=Resources("4", "16Gi", "32Gi", gpus=1), caching=Caching.WHEN_ASKED,
         ),
         Stage(
@@ -202,7 +204,7 @@ STAGES: dict[str, Stage] = {
             "generate", "meddiff.generation.generate", "run_generate",
             "sample class-conditional synthetic patients and measure their quality",
             inputs=(_PROCESSED, _MODEL), outputs=(_SYNTHETIC, _report("generate")),
-            params=("seed", "cohort", "ingest", "generate"), resources=_REPORT,
+            params=("seed", "dataset", "cohort", "ingest", "generate"), resources=_REPORT,
         ),
         Stage(
             "explain", "meddiff.explain.report", "run_explain",
@@ -217,23 +219,39 @@ STAGES: dict[str, Stage] = {
             params=("promote", "train", "tracking"), resources=_REPORT, caching=Caching.NEVER,
         ),
         Stage(
+            "external_drop", "meddiff.data.cohort_drops", "generate_external_drop",
+            "write the labelled external-validation drop (another seed, ~2,000 patients)",
+            inputs=(), outputs=(_EXTERNAL,), params=("seed", "dataset", "cohort", "drops"), resources=_SMALL,
+            retry=True,
+            in_pipeline=False,
+        ),
+        Stage(
+            "external", "meddiff.evaluation.external", "run_external",
+            "external validation: the model scored on an independent labelled drop (apply mode, nothing refitted)",
+            inputs=(_EXTERNAL, _MODEL), outputs=(_EXTERNAL_PROCESSED, _report("external")),
+            params=("seed", "dataset", "ingest", "preprocess", "evaluate", "tracking"), resources=_REPORT,
+            metrics_file="report_dir/metrics.json", in_pipeline=False, fetches="external_dir",
+            uri_section="evaluate",
+        ),
+        Stage(
             "suite", "meddiff.evaluation.suite", "run_suite",
             "ablations and baselines: same data, same budget, one table + summary (long: trains ~9 models)",
-            inputs=(_PROCESSED,),
+            inputs=(_PROCESSED, _EXTERNAL_PROCESSED),
             outputs=(Port("report_dir", "suite_report", "reports", "evaluate", ArtifactKind.ARTIFACT),),
-            params=("seed", "train", "evaluate", "tracking"), resources=_REPORT, in_pipeline=False,
+            params=("seed", "dataset", "train", "evaluate", "tracking"), resources=_REPORT, in_pipeline=False,
         ),
         Stage(
             "new_patients", "meddiff.data.cohort_drops", "generate_new_patients",
             "write a small drop of new, unlabelled patients (another seed, modalities missing, one malformed)",
-            inputs=(), outputs=(_NEW_PATIENTS,), params=("seed", "cohort", "drops"), resources=_SMALL, retry=True,
+            inputs=(), outputs=(_NEW_PATIENTS,), params=("seed", "dataset", "cohort", "drops"), resources=_SMALL,
+            retry=True,
             pipeline=PREDICT_PIPELINE,
         ),
         Stage(
             "predict", "meddiff.prediction.predict", "run_predict",
             "class probabilities + FHIR RiskAssessments for a raw drop of new patients (apply mode, the champion)",
             inputs=(_NEW_PATIENTS,), outputs=(_report("predict"),),
-            params=("seed", "cohort", "ingest", "preprocess", "predict", "tracking"), resources=_REPORT,
+            params=("seed", "dataset", "ingest", "preprocess", "predict", "tracking"), resources=_REPORT,
             caching=Caching.NEVER,
             metrics_file="report_dir/metrics.json", pipeline=PREDICT_PIPELINE, fetches="new_patients_dir",
         ),
@@ -241,7 +259,7 @@ STAGES: dict[str, Stage] = {
             "monitor", "meddiff.prediction.monitor", "run_monitor",
             "drift of a new drop against the model's training data (evidently) and whether to retrain",
             inputs=(_NEW_PATIENTS,), outputs=(_report("monitor"),),
-            params=("seed", "cohort", "ingest", "preprocess", "predict", "monitor", "tracking"), resources=_REPORT,
+            params=("seed", "dataset", "ingest", "preprocess", "predict", "monitor", "tracking"), resources=_REPORT,
             caching=Caching.NEVER,
             metrics_file="report_dir/metrics.json", pipeline=PREDICT_PIPELINE, fetches="new_patients_dir",
             uri_section="predict",

@@ -72,7 +72,8 @@ def run_stage(name: str, params: Params, **paths: str | Path | None) -> Any:
 
 
 def run_versioned(
-    name: str, params: Params, uri: str | None = None, data_version: str | None = None, **paths: str | Path | None
+    name: str, params: Params, uri: str | None = None, data_version: str | None = None, *,
+    options: dict[str, Any] | None = None, **paths: str | Path | None
 ) -> tuple[Any, str]:
     """Run one stage under its data version; return ``(result, data version)`` ("" when unknown).
 
@@ -83,6 +84,8 @@ def run_versioned(
             an ``s3://`` URI.
         data_version: other stages: the version to run under; ``None`` → the one recorded in the first input
             folder that has :data:`DATA_VERSION_FILE`, else ``$MEDDIFF_DATA_VERSION``, else "".
+        options: keyword arguments of the stage function other than folders (``{"shard": "1/4"}`` for
+            ``ingest --shard``).
     """
     spec = stage(name)
     arguments = {port.argument for port in spec.ports}
@@ -101,7 +104,7 @@ def run_versioned(
         version = data_version if data_version is not None else _recorded_version(spec, resolved)
     function = getattr(importlib.import_module(spec.module), spec.function)
     with _exported(version):
-        result = function(params, **resolved)
+        result = function(params, **resolved, **(options or {}))
     if version:
         for port in spec.outputs:
             folder = Path(resolved[port.argument])
@@ -172,7 +175,8 @@ class _MetricsArtifact(Protocol):
 def run_component(
     name: str, params_json: str, data_version: str = "", metrics: _MetricsArtifact | None = None,
     html: _PathArtifact | None = None, uri: str | None = None, version_output: str | None = None,
-    result_outputs: dict[str, str] | None = None, **artifacts: _PathArtifact | None,
+    result_outputs: dict[str, str] | None = None, options: dict[str, Any] | None = None,
+    **artifacts: _PathArtifact | None,
 ) -> dict[str, Any]:
     """The body of every Kubeflow component: run stage ``name`` on KFP artifacts.
 
@@ -191,6 +195,7 @@ def run_component(
             which receives the content hash of the drop read.
         result_outputs: result field → path of an ``OutputPath`` parameter that receives that field as JSON
             (``{"retrain": retrain}``: a later ``dsl.If`` can branch on it; KFP reads ``true``/``false``).
+        options: stage function keywords other than folders, as :func:`run_versioned` (an ingest shard).
         artifacts: the task's input and output artifacts by KFP name (``raw``, ``report``); each
             artifact's ``path`` is handed to the stage as the folder of the same port. An optional input
             that is absent (``None``) is left out.
@@ -213,7 +218,8 @@ def run_component(
     if spec.fetches and not uri and spec.fetches not in folders:
         raise TypeError(f"component {name!r} needs {spec.uri_argument} or its {spec.port(spec.fetches).artifact} input")
     result, data_version = run_versioned(
-        name, params, uri=(uri or "") if spec.fetches else None, data_version=data_version, **folders
+        name, params, uri=(uri or "") if spec.fetches else None, data_version=data_version, options=options,
+        **folders
     )
     if version_output is not None:
         Path(version_output).parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,14 @@ def setup_experiment(config: TrackingConfig) -> str:
 
     uri = tracking_uri(config)
     _create_sqlite_store_atomically(uri, config)
+    # MLflow 3's set_tracking_uri also exports $MLFLOW_TRACKING_URI, which tracking_uri() reads as the user's
+    # override: left set, one stage's store would win over the next params' store in the same process.
+    user_override = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if user_override is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_override
     client = MlflowClient()
     experiment = client.get_experiment_by_name(config.experiment)
     if experiment is not None:

@@ -110,7 +110,7 @@ def test_new_patients_drop_is_unlabelled_with_one_malformed_patient(new_patients
     ids = [json.loads(line)["id"] for line in (raw / "ehr" / "Patient.ndjson").read_text().splitlines()]
     assert len(ids) == 10 and all(pid.startswith("NEW") for pid in ids)
     assert [entry["patient_id"] for entry in provenance["ground_truth"]] == ids
-    assert {entry["diagnosis"] for entry in provenance["ground_truth"]} <= set(params.cohort.classes)
+    assert {entry["diagnosis"] for entry in provenance["ground_truth"]} <= set(params.dataset.class_names)
     assert [f["fault"] for f in provenance["faults"]] == [MALFORMED_PATIENT_FAULT]
     assert provenance["seed"] == params.drops.new_patients.seed != params.seed
 

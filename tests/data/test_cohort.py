@@ -14,9 +14,12 @@ import pydicom
 import pytest
 from pydicom.uid import UID, CTImageStorage
 
-from meddiff.config import CohortConfig, Params
+from meddiff.config import CohortConfig, DatasetConfig, Params
 from meddiff.data.cohort import FAULT_REASONS, MINORITY_SITE, generate_cohort, plan_cohort
 from meddiff.data.geometry import LPS_TO_RAS
+
+#: the built-in cohort's classes (dataset.classes defaults)
+CLASSES = DatasetConfig().class_names
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -48,9 +51,9 @@ def test_another_seed_gives_another_cohort(tiny_params: Params, tmp_path: Path) 
 
 def test_default_plan_has_a_rare_class_and_a_minority_site() -> None:
     config = CohortConfig()
-    plans = plan_cohort(config, seed=42)
+    plans = plan_cohort(config, CLASSES, seed=42)
     assert len(plans) == 400
-    share = {name: sum(p.diagnosis == name for p in plans) / len(plans) for name in config.classes}
+    share = {name: sum(p.diagnosis == name for p in plans) / len(plans) for name in CLASSES}
     assert share["brain_abscess"] <= 0.05
     assert abs(sum(p.site == MINORITY_SITE for p in plans) / len(plans) - 0.12) < 0.01
     faults = [p.fault for p in plans if p.fault]
@@ -203,7 +206,7 @@ def test_ventricle_size_does_not_depend_on_the_diagnosis() -> None:
     from meddiff.data.cohort import AGE_MODEL, atrophy_age
 
     config = CohortConfig(n_patients=160)
-    plans = plan_cohort(config, seed=3)
+    plans = plan_cohort(config, CLASSES, seed=3)
     stroke = np.array([p.diagnosis == "ischemic_stroke" for p in plans], dtype=float)
     # the patient's age is the first draw of its stream, as in _generate_patient
     ages = np.array([np.random.default_rng([3, p.index]).normal(*AGE_MODEL[p.diagnosis]) for p in plans])
@@ -214,7 +217,7 @@ def test_ventricle_size_does_not_depend_on_the_diagnosis() -> None:
     # the check has power: sizing by the patient's own age does correlate with the diagnosis
     assert np.corrcoef(confounded, stroke)[0, 1] > 0.3 and np.corrcoef(confounded, ages)[0, 1] > 0.6
     # the atrophy age is the same distribution for every diagnosis
-    by_class = {name: [atrophy_age(3, p.index) for p in plans if p.diagnosis == name] for name in config.classes}
+    by_class = {name: [atrophy_age(3, p.index) for p in plans if p.diagnosis == name] for name in CLASSES}
     assert max(np.mean(v) for v in by_class.values() if len(v) > 20) - min(
         np.mean(v) for v in by_class.values() if len(v) > 20) < 8.0
 

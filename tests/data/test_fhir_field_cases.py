@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meddiff.config import IngestConfig
+from meddiff.config import DatasetConfig
 from meddiff.data.deid import deidentify_text, identifiers_from_patient
 from meddiff.data.fhir import (
     age_at,
@@ -31,8 +31,8 @@ from meddiff.data.quarantine import Ledger, Record
 from meddiff.data.validation import TableValidator, patient_rules
 
 REFERENCE_DATE = datetime.date(2024, 6, 30)
-CONFIG = IngestConfig()
-LAB_BY_LOINC = {code: lab for lab, codes in CONFIG.lab_loinc.items() for code in codes}
+DATASET = DatasetConfig()
+LAB_BY_LOINC = DATASET.feature_by_loinc
 LOINC, UCUM = "http://loinc.org", "http://unitsofmeasure.org"
 
 
@@ -48,14 +48,14 @@ def bp_panel(systolic: float, diastolic: float, pid: str = "P1") -> dict[str, An
 
 
 def test_blood_pressure_panel_gives_systolic_from_its_component() -> None:
-    row = observation_row(bp_panel(182.0, 104.0), LAB_BY_LOINC, CONFIG.lab_units)
+    row = observation_row(bp_panel(182.0, 104.0), LAB_BY_LOINC, DATASET.feature_units)
     assert (row["lab"], row["loinc"], row["value"], row["patient_id"]) == ("systolic_bp", "8480-6", 182.0, "P1")
     kpa = bp_panel(0, 0)
     kpa["component"][1]["valueQuantity"] = {"value": 24.0, "unit": "kPa", "code": "kPa"}
-    assert observation_row(kpa, LAB_BY_LOINC, CONFIG.lab_units)["value"] == pytest.approx(24.0 * 7.50062)
+    assert observation_row(kpa, LAB_BY_LOINC, DATASET.feature_units)["value"] == pytest.approx(24.0 * 7.50062)
     display_unit = bp_panel(0, 0)
     display_unit["component"][1]["valueQuantity"] = {"value": 131, "unit": "mmHg"}  # display string, no code
-    assert observation_row(display_unit, LAB_BY_LOINC, CONFIG.lab_units)["value"] == 131.0
+    assert observation_row(display_unit, LAB_BY_LOINC, DATASET.feature_units)["value"] == 131.0
 
 
 def test_transaction_bundle_urn_uuid_references_resolve_through_full_url(tmp_path: Path) -> None:
@@ -80,9 +80,9 @@ def test_transaction_bundle_urn_uuid_references_resolve_through_full_url(tmp_pat
     uuid = patient_url.removeprefix("urn:uuid:")
     assert resources["Patient"]["id"] == uuid
     assert patient_row(resources["Patient"], REFERENCE_DATE)["site"] == "site_x"
-    condition = condition_row(resources["Condition"], CONFIG.icd10_to_class)
+    condition = condition_row(resources["Condition"], DATASET.icd10_to_class)
     assert (condition["patient_id"], condition["icd10"], condition["label"]) == (uuid, "I63.9", "ischemic_stroke")
-    observation = observation_row(resources["Observation"], LAB_BY_LOINC, CONFIG.lab_units)
+    observation = observation_row(resources["Observation"], LAB_BY_LOINC, DATASET.feature_units)
     assert (observation["patient_id"], observation["value"]) == (uuid, 150.0)
 
 
@@ -118,7 +118,7 @@ def test_every_human_name_shape_is_scrubbed_from_the_note(name: object) -> None:
                                              ("g06.0", "brain_abscess"), ("I619", "intracerebral_hemorrhage"),
                                              ("G061", None), ("Z038", None)])
 def test_icd10_with_or_without_the_dot(code: str, label: str | None) -> None:
-    assert icd10_class(code, CONFIG.icd10_to_class) == label
+    assert icd10_class(code, DATASET.icd10_to_class) == label
 
 
 @pytest.mark.parametrize(("birth", "age"), [("1957", 66.0), ("1957-07", 66.0), ("1957-06", 67.0),
@@ -211,10 +211,10 @@ def test_no_resource_shape_makes_a_reader_raise(resource: dict[str, Any]) -> Non
     patient = patient_row(resource, REFERENCE_DATE)
     assert patient["age"] is None or isinstance(patient["age"], float)
     assert patient["site"] is None or isinstance(patient["site"], str)
-    observation = observation_row(resource, LAB_BY_LOINC, CONFIG.lab_units)
-    assert observation["value"] is None or observation["lab"] in CONFIG.lab_units
-    condition = condition_row(resource, CONFIG.icd10_to_class)
-    assert condition["label"] is None or condition["label"] in CONFIG.icd10_to_class.values()
+    observation = observation_row(resource, LAB_BY_LOINC, DATASET.feature_units)
+    assert observation["value"] is None or observation["lab"] in DATASET.feature_units
+    condition = condition_row(resource, DATASET.icd10_to_class)
+    assert condition["label"] is None or condition["label"] in DATASET.icd10_to_class.values()
     document_note(resource)
     who = identifiers_from_patient(resource)
     assert all(isinstance(n, str) and n for n in who.names)
@@ -236,11 +236,12 @@ def test_well_formed_resources_in_any_server_shape_give_the_right_values(
         observation = {"resourceType": "Observation", "id": "o", "subject": {"reference": "Patient/P1"},
                        "code": {"coding": [{"system": LOINC, "code": "8480-6"}]},
                        "valueQuantity": {"value": value, "unit": unit}}
-    assert observation_row(observation, LAB_BY_LOINC, CONFIG.lab_units)["value"] == pytest.approx(systolic, rel=1e-6)
+    value = observation_row(observation, LAB_BY_LOINC, DATASET.feature_units)["value"]
+    assert value == pytest.approx(systolic, rel=1e-6)
     code = "I63.9" if dotted else "I639"
     condition = {"resourceType": "Condition", "subject": {"reference": "Patient/P1"},
                  "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": code}]}}
-    assert condition_row(condition, CONFIG.icd10_to_class)["label"] == "ischemic_stroke"
+    assert condition_row(condition, DATASET.icd10_to_class)["label"] == "ischemic_stroke"
     text = {"year": f"{birth.year:04d}", "month": f"{birth.year:04d}-{birth.month:02d}", "day": birth.isoformat()}
     patient: dict[str, Any] = {"resourceType": "Patient", "id": "P1", "gender": "male", "birthDate": text[precision],
                                "managingOrganization": {"reference": "Organization/site_a"}}
@@ -264,5 +265,5 @@ def test_an_unreadable_resource_is_quarantined_not_raised(monkeypatch: pytest.Mo
     monkeypatch.setattr(tables, "observation_row", exploding)
     ledger = Ledger()
     record = ledger.add(Record("observation", "o1", "ehr/Observation.ndjson:1"))
-    frame = tables.observation_table([(record, {"id": "o1"}, "fhir")], CONFIG, ledger)
+    frame = tables.observation_table([(record, {"id": "o1"}, "fhir")], DATASET, ledger)
     assert frame.empty and record.reason == "invalid_resource" and "unhashable" in str(record.message)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from meddiff.config import IngestConfig
+from meddiff.config import DatasetConfig
 from meddiff.data.fhir import harmonise, icd10_class, observation_row
 from meddiff.data.validation import RECORD_ID, TableValidator, observation_rules, series_rules
 
@@ -63,12 +63,12 @@ def test_a_quarantined_patient_orphans_its_records(pipeline: Pipeline, pseudonym
 
 def test_manifest_keeps_the_accepted_modalities(pipeline: Pipeline, pseudonym_of: dict[str, str]) -> None:
     manifest = pd.read_parquet(pipeline.interim / "manifest.parquet")
-    labs = list(pipeline.params.ingest.lab_units)
+    labs = pipeline.params.dataset.feature_names
     assert list(manifest.columns) == ["patient_id", "site", "label", "age", "sex", *labs, "note", "image_path",
                                       "series_instance_uid", "has_image", "has_note", "has_labs", "mask_path",
                                       "image_modality", "lesion_contrast_hu"]
     assert manifest.patient_id.is_unique
-    assert set(manifest.label) <= set(pipeline.params.cohort.classes)
+    assert set(manifest.label) <= set(pipeline.params.dataset.class_names)
     ledger = json.loads((pipeline.raw / "cohort.json").read_text())
     faults = {f["fault"]: pseudonym_of[f["patient_id"]] for f in ledger["faults"]}
     row = manifest.set_index("patient_id").loc[faults["truncated_dicom"]]
@@ -85,7 +85,7 @@ def test_manifest_keeps_the_accepted_modalities(pipeline: Pipeline, pseudonym_of
 
 
 def test_gx_catches_a_planted_out_of_range_value() -> None:
-    config = IngestConfig()
+    config = DatasetConfig()
     rows = []
     for i, value in enumerate([7.0, 950.0, 8.1]):
         rows.append({RECORD_ID: f"obs-{i}", "observation_id": f"o{i}", "patient_id": "P1", "lab": "wbc",
@@ -93,9 +93,10 @@ def test_gx_catches_a_planted_out_of_range_value() -> None:
     rows.append({RECORD_ID: "obs-3", "observation_id": "o3", "patient_id": "P1", "lab": "temperature",
                  "raw_value": 99.0, "unit": "kg", "value": None})
     frame = pd.DataFrame(rows)
-    for lab in config.lab_units:
+    for lab in config.feature_units:
         frame[lab] = frame["value"].where(frame["lab"] == lab).astype(float)
-    outcome = TableValidator().validate("observation", frame, observation_rules(config.lab_ranges, config.lab_units))
+    rules = observation_rules(config.feature_ranges, config.feature_units)
+    outcome = TableValidator().validate("observation", frame, rules)
     assert not outcome.success
     assert outcome.failures.keys() == {"obs-1", "obs-3"}
     assert outcome.failures["obs-1"][0] == "out_of_range" and "950" in outcome.failures["obs-1"][1]
@@ -221,16 +222,16 @@ def test_the_table_loop_quarantines_the_failing_rows_of_each_kind() -> None:
     for kind in ("observation", "image_series"):  # same record ids in two kinds: each table hits its own
         for record_id in ("r1", "r2"):
             ledger.add(Record(kind, record_id, "raw"))
-    config = IngestConfig()
+    config = DatasetConfig()
     observations = pd.DataFrame({RECORD_ID: ["r1", "r2"], "observation_id": ["o1", "o2"], "patient_id": ["P1", "P2"],
                                  "lab": ["wbc", "wbc"], "raw_value": [7.0, 950.0], "unit": ["10*3/uL"] * 2,
                                  "value": [7.0, 950.0]})
-    for lab in config.lab_units:
+    for lab in config.feature_units:
         observations[lab] = observations["value"].where(observations["lab"] == lab).astype(float)
     series = pd.DataFrame({RECORD_ID: ["r1", "r2"], "patient_id": ["P1", "P2"], "series_uid": ["1", "2"],
                            "n_slices": [24, 24], "hu_min": [-1000.0, -1000.0], "hu_max": [9000.0, 1000.0]})
     validations = validate_tables((
-        TableSpec("observation", observations, observation_rules(config.lab_ranges, config.lab_units)),
+        TableSpec("observation", observations, observation_rules(config.feature_ranges, config.feature_units)),
         TableSpec("image_series", series, series_rules()),
     ), ledger)
     assert list(validations) == ["observation", "image_series"]

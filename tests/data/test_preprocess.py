@@ -79,7 +79,7 @@ def test_scaler_sees_the_training_split_only(pipeline: Pipeline) -> None:
     dataset = load_processed(pipeline.processed)
     assert list(dataset.arrays["patient_id"]) == list(manifest.patient_id)
     train = dataset.arrays["split"] == "train"
-    labs = list(pipeline.params.ingest.lab_units)
+    labs = pipeline.params.dataset.feature_names
     raw = tabular_frame(manifest, labs)
     units = [f["unit"] for f in dataset.meta["tabular_features"]]
     scaler = fit_tabular_scaler(raw[train], units)

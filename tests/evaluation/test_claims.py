@@ -208,13 +208,23 @@ def test_claims_of_other_stages_are_read_from_their_reports(tmp_path: Path) -> N
     assert (rows["attribution_dice_above_07"].value, rows["attribution_dice_above_07"].n) == (0.41, 16)
     assert rows["attribution_dice_above_07"].verdict is Verdict.NOT_SUPPORTED
     assert rows["no_subgroup_left_behind"].verdict is Verdict.INCONCLUSIVE
-    assert rows["no_subgroup_left_behind"].note.startswith("site site_b: 10 patients vs 70")
+    assert rows["no_subgroup_left_behind"].note.startswith("internal test split, site site_b: 10 patients vs 70")
+    # the external drop, once scored, decides the subgroup claim (10 minority-site patients cannot)
+    (tmp_path / "external").mkdir()
+    (tmp_path / "external" / "metrics.json").write_text(json.dumps({"subgroup": {
+        "applicable": True, "site": "site_b", "n_subgroup": 240, "n_rest": 1760,
+        "auc_gap": {"value": 0.01, "ci_low": -0.01, "ci_high": 0.03}}}))
+    subgroup = claims_table(stage_estimates(tmp_path, n_bootstrap=20, seed=0))[-1]
+    assert (subgroup.key, subgroup.n, subgroup.verdict) == ("no_subgroup_left_behind", 2000, Verdict.SUPPORTED)
+    assert subgroup.note.startswith("external drop, site site_b: 240 patients vs 1760")
+    (tmp_path / "external" / "metrics.json").unlink()
 
     (tmp_path / "evaluate" / "metrics.json").write_text(json.dumps({"subgroup": {
         "applicable": False, "reason": "no test patient from site 'site_b'"}}))
     (tmp_path / "generate" / "latents.npz").unlink()
     (tmp_path / "generate" / "metrics.json").write_text(json.dumps({"frechet_distance": 12.5}))
     rows = {row.key: row for row in claims_table(stage_estimates(tmp_path, n_bootstrap=20, seed=0))}
-    assert rows["no_subgroup_left_behind"].note == "not measured: no test patient from site 'site_b'"
+    assert rows["no_subgroup_left_behind"].note == ("not measured (internal test split): no test patient from site "
+                                                    "'site_b'")
     assert rows["fid_below_30"].value == 12.5 and rows["fid_below_30"].verdict is Verdict.INCONCLUSIVE
     assert rows["fid_below_30"].note.startswith("no interval:")

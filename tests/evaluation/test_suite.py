@@ -10,6 +10,7 @@ from meddiff.evaluation.claims import CLAIMS, Verdict
 from meddiff.evaluation.knn_imputation import LatentNeighbours
 from meddiff.evaluation.robustness import modality_subsets
 from meddiff.evaluation.suite import _late_fusion, _memoised, _needed, run_suite
+from tests.conftest import make_tiny_processed
 
 
 def test_variants_pull_in_what_they_are_derived_from() -> None:
@@ -76,10 +77,13 @@ def test_suite_trains_seeds_and_writes_the_table_and_the_claims(tiny_processed, 
         "evaluate.suite_seeds=2",
         "evaluate.masking_rates=[0.0, 0.6, 0.8]",
         "evaluate.n_bootstrap=50",
+        "evaluate.rare_classes=[rare_c]",
         f"paths.checkpoints={tmp_path}/checkpoints",
         f"paths.reports={tmp_path}/reports",
     ])
-    result = run_suite(params, processed, tmp_path / "evaluate")
+    # an external drop admitted by `meddiff external` (here: toy data from another seed) decides the rare claim
+    make_tiny_processed(tmp_path / "external" / "processed", n=96, seed=3)
+    result = run_suite(params, processed, tmp_path / "external", tmp_path / "evaluate")
     assert [row["variant"] for row in result.table] == params.evaluate.suite
     suite = json.loads((tmp_path / "evaluate" / "suite.json").read_text())
     assert (suite["epochs"], suite["seeds"]) == (1, [params.seed, params.seed + 1])
@@ -112,6 +116,8 @@ def test_suite_trains_seeds_and_writes_the_table_and_the_claims(tiny_processed, 
     assert fusion["value"] is not None and fusion["ci_low"] <= fusion["ci_high"] and "2 seeds" in fusion["note"]
     assert "3 masks per patient" not in rows["masking_keeps_accuracy_at_80"]["note"]  # n_repeats=1 in tiny params
     assert "validation: diffusion − token" in rows["diffusion_imputation_helps"]["note"]
+    rare = rows["rare_gain_at_high_missingness"]
+    assert rare["note"].startswith("external drop (96 patients, ") and rare["n"] == 96, rare
     # variants left out of this suite and stages that did not run: inconclusive, with the reason
     assert rows["ontology_attention_helps"]["verdict"] == "inconclusive"
     assert rows["ontology_attention_helps"]["note"].startswith("not measured: the suite has no")

@@ -55,7 +55,7 @@ def drop(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[DecodedPa
     summary = export_drop(patients, settings, out)
     assert summary.n_patients == 3 and summary.n_dicom_files == 3 * SHAPE[2]
     assert summary.resources == {"Patient": 3, "Observation": 13, "Condition": 3, "DocumentReference": 3}
-    assert summary.n_lab_values_clipped == 2  # crp −3 → 0, crp 900 → 500 (ingest.lab_ranges)
+    assert summary.n_lab_values_clipped == 2  # crp −3 → 0, crp 900 → 500 (the dataset.features range)
     return out, patients, settings
 
 
@@ -88,13 +88,13 @@ def test_observations_carry_loinc_and_ucum_in_range(drop) -> None:
     params = Params()
     observations = [o for o in resources(out, "Observation") if o["subject"]["reference"] == "Patient/synthetic-00000"]
     by_lab = {o["id"].removeprefix("synthetic-00000-").replace("-", "_"): o for o in observations}
-    assert set(by_lab) == set(params.ingest.lab_units)
+    assert set(by_lab) == set(params.dataset.feature_units)
     for lab, observation in by_lab.items():
         (coding,) = observation["code"]["coding"]
-        assert coding["system"] == "http://loinc.org" and coding["code"] in params.ingest.lab_loinc[lab]
+        assert coding["system"] == "http://loinc.org" and coding["code"] in params.dataset.features[lab].loinc
         quantity = observation["valueQuantity"]
         assert quantity["system"] == "http://unitsofmeasure.org"
-        assert quantity["unit"] == quantity["code"] == params.ingest.lab_units[lab]
+        assert quantity["unit"] == quantity["code"] == params.dataset.features[lab].unit
     assert by_lab["wbc"]["valueQuantity"]["value"] == 9.12
     assert by_lab["crp"]["valueQuantity"]["value"] == 0.0
     clipped = next(o for o in resources(out, "Observation") if o["id"] == "synthetic-00001-crp")
@@ -103,7 +103,7 @@ def test_observations_carry_loinc_and_ucum_in_range(drop) -> None:
 
 def test_condition_codes_the_sampled_class(drop) -> None:
     out, patients, _ = drop
-    icd10 = Params().cohort.condition_icd10
+    icd10 = Params().dataset.class_icd10
     conditions = resources(out, "Condition")
     assert [c["code"]["coding"][0]["code"] for c in conditions] == [icd10[p.class_name] for p in patients]
     assert conditions[0]["code"]["coding"][0]["system"] == "http://hl7.org/fhir/sid/icd-10"
@@ -181,7 +181,7 @@ def test_dciodvfy_reports_no_errors_on_a_sample(drop, dciodvfy) -> None:
 
 def test_a_class_without_icd10_code_is_refused(tmp_path) -> None:
     patient = decoded(0, "unknown_class", {}, np.random.default_rng(2))
-    with pytest.raises(ValueError, match="condition_icd10"):
+    with pytest.raises(ValueError, match=r"dataset\.classes has no ICD-10 code"):
         export_drop([patient], ExportSettings.from_params(Params(), META), tmp_path)
 
 

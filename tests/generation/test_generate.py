@@ -52,12 +52,9 @@ def generated(trained_tiny, tmp_path_factory: pytest.TempPathFactory) -> dict:
     shutil.copytree(trained_tiny["processed"], processed)
     meta = json.loads((processed / "meta.json").read_text())
     (processed / "meta.json").write_text(json.dumps({**meta, "tabular_features": FEATURES}))
-    classes = "[" + ",".join(CLASS_NAMES) + "]"
     params = apply_overrides(trained_tiny["params"], [
-        f"cohort.classes={classes}",
+        "dataset.classes={" + ",".join(f"{k}: {{icd10: [{v}]}}" for k, v in ICD10.items()) + "}",
         "cohort.class_prevalence=[0.4,0.25,0.25,0.1]",
-        "cohort.condition_icd10={" + ",".join(f"{k}: {v}" for k, v in ICD10.items()) + "}",
-        "ingest.icd10_to_class={" + ",".join(f"{v}: {k}" for k, v in ICD10.items()) + "}",
         "ingest.num_workers=1",
     ])
     result = run_generate(params, processed, trained_tiny["models"], root / "synthetic", root / "report")
@@ -96,8 +93,35 @@ def test_generate_samples_and_measures(generated) -> None:
         name: float((predicted[labels == c] == c).mean()) for c, name in enumerate(data.class_names)
     }
     assert metrics["n_per_class"] == dict.fromkeys(CLASS_NAMES, config.n_per_class)
-    assert metrics["frechet_distance"] == pytest.approx(frechet_reference(saved["synthetic"], saved["real_test"]),
-                                                        rel=1e-6)
+    assert metrics["frechet_distance_class_balanced"] == pytest.approx(
+        frechet_reference(saved["synthetic"], saved["real_test"]), rel=1e-6)
+    assert metrics["frechet_distance_real_floor"] == pytest.approx(frechet_reference(real["val"], real["test"]),
+                                                                   rel=1e-6)
+    with torch.no_grad():
+        predicted_real = model.classify_latent(torch.from_numpy(real["test"])).argmax(dim=1).numpy()
+    test_y = data.arrays["label"][data.indices("test")]
+    assert metrics["class_agreement_real_per_class"] == {
+        name: float((predicted_real[test_y == c] == c).mean()) for c, name in enumerate(data.class_names)
+    }
+
+    # Quality sets: as many patients as the validation split, classes at the training prevalence, sampled after
+    # the exported set from the same generator; the headline distance is their mean.
+    draws, draw_labels = saved["quality_draws"], saved["quality_draw_labels"]
+    assert draws.shape == (config.n_quality_draws, len(real["val"]), real["val"].shape[1])
+    generator = torch.Generator().manual_seed(params.seed)
+    model.sample_latents(torch.from_numpy(labels), config.num_inference_steps, config.guidance_scale, generator)
+    first = model.sample_latents(torch.from_numpy(draw_labels[0]), config.num_inference_steps,
+                                 config.guidance_scale, generator)
+    np.testing.assert_array_equal(draws[0], first.z.numpy())
+    distances = [frechet_reference(d, real["test"]) for d in draws]
+    assert metrics["frechet_distance"] == pytest.approx(np.mean(distances), rel=1e-6)
+    assert metrics["frechet_distance_draws"]["max"] == pytest.approx(max(distances), rel=1e-6)
+    assert set(metrics["precision_recall"]) == {"k", "precision", "recall", "real_floor"}
+    precision = metrics["precision_recall"]["precision"]
+    assert 0.0 <= precision["min"] <= precision["mean"] <= precision["max"] <= 1.0
+    fid = metrics["image_fid_25d"]["meddiff image encoder"]
+    assert set(fid) == {"sagittal", "coronal", "axial"}
+    assert all(plane["fid"] > 0 and plane["real_floor"] > 0 for plane in fid.values())
 
     # privacy in the latent space and TSTR, recomputed from the latents
     held_out = np.concatenate([real["val"], real["test"]])
@@ -106,7 +130,7 @@ def test_generate_samples_and_measures(generated) -> None:
                               list(data.arrays["patient_id"][data.indices("train")]), config.n_closest_pairs)
     assert metrics["privacy"]["fused latent z"] == pytest.approx(expected.summary())
     assert result.membership_inference_auc_latent == expected.membership_inference_auc
-    train_y, test_y = data.arrays["label"][data.indices("train")], data.arrays["label"][data.indices("test")]
+    train_y = data.arrays["label"][data.indices("train")]
     tstr = tstr_report(saved["synthetic"], labels, real["train"], train_y, real["test"], test_y, data.n_classes,
                        config.n_bootstrap, params.seed)
     assert metrics["tstr"] == json.loads(json.dumps(tstr))  # JSON keeps floats exactly
@@ -144,7 +168,7 @@ def test_exported_resources_validate_and_observations_are_decoded_labs(generated
         standardised = model.tabular_decoder(torch.from_numpy(z)).numpy()
     np.testing.assert_allclose(tabular, standardised * [f["std"] for f in FEATURES] + [f["mean"] for f in FEATURES],
                                rtol=1e-5)
-    ranges = generated["params"].ingest.lab_ranges
+    ranges = generated["params"].dataset.feature_ranges
     first = {o["id"]: o["valueQuantity"]["value"] for o in ndjson(synthetic / "ehr" / "Observation.ndjson")}
     for column, lab in enumerate(("wbc", "crp", "glucose")):
         assert first[f"synthetic-00000-{lab}"] == round(float(np.clip(tabular[0, column], *ranges[lab])), 2)

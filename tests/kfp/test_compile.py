@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from meddiff_components.stages import GPU_IMAGE_ENV, IMAGE_ENV, STAGE_FUNCTIONS
-from meddiff_pipelines.pipeline import CREDENTIALS_SECRET, compile_pipeline
+from meddiff_pipelines.pipeline import CREDENTIALS_SECRET, EXTERNAL_BRANCH, compile_pipeline
 
 import meddiff
 from meddiff.cli import main
@@ -32,6 +32,8 @@ DOWNSTREAM_OF_TRAIN = ("evaluate", "generate", "explain")
 EXTRA_OUTPUTS = {("evaluate", "metrics"): "system.Metrics", ("explain", "html"): "system.HTML"}
 #: Tasks that never cache: the registry gate reads the registry, not only its inputs.
 NEVER_CACHED = {"promote"}
+#: Every task of a branch: the pipeline stages and external validation (run only with an ``external_uri``).
+KFP_TASKS = (*PIPELINE_STAGES, "external")
 
 
 def load_ir(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -51,10 +53,18 @@ def branches(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def tasks_of(spec: dict[str, Any], branch: str = "cohort") -> dict[str, dict[str, Any]]:
-    """The tasks of one branch of the fork on ``raw_uri``, keyed by stage (their display name)."""
+    """The tasks of one branch of the fork on ``raw_uri``, keyed by stage (their display name); the tasks of
+    conditions inside the branch (``external`` under ``external_uri != ""``) included."""
     group = branches(spec)[branch]
-    tasks = spec["components"][group["componentRef"]["name"]]["dag"]["tasks"]
-    return {task["taskInfo"]["name"]: task for task in tasks.values()}
+
+    def flat(tasks: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        found = {}
+        for task in tasks.values():
+            component = spec["components"][task["componentRef"]["name"]]
+            found |= flat(component["dag"]["tasks"]) if "dag" in component else {task["taskInfo"]["name"]: task}
+        return found
+
+    return flat(spec["components"][group["componentRef"]["name"]]["dag"]["tasks"])
 
 
 def executor_of(spec: dict[str, Any], task: str, branch: str = "cohort") -> str:
@@ -88,8 +98,27 @@ def test_one_component_per_pipeline_stage() -> None:
 def test_one_task_per_pipeline_stage(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
     spec, _ = compiled
     assert spec["pipelineInfo"]["name"] == "meddiff"
-    assert set(tasks_of(spec, "cohort")) == set(PIPELINE_STAGES)
-    assert set(tasks_of(spec, "drop")) == set(PIPELINE_STAGES) - {"cohort"}
+    assert set(tasks_of(spec, "cohort")) == {*PIPELINE_STAGES, "external"}
+    assert set(tasks_of(spec, "drop")) == {*PIPELINE_STAGES, "external"} - {"cohort"}
+
+
+def test_external_validation_runs_only_with_an_external_uri(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """In both branches: a condition ``external_uri != ""`` holding one ``external`` task that scores the model
+    the branch's train task wrote, reading the drop named by the pipeline parameter."""
+    spec, _ = compiled
+    assert spec["root"]["inputDefinitions"]["parameters"]["external_uri"]["defaultValue"] == ""
+    for branch in ("cohort", "drop"):
+        group_tasks = spec["components"][branches(spec)[branch]["componentRef"]["name"]]["dag"]["tasks"]
+        (condition,) = [t for t in group_tasks.values() if t["taskInfo"]["name"] == EXTERNAL_BRANCH]
+        assert condition["triggerPolicy"]["condition"] == (
+            "inputs.parameter_values['pipelinechannel--external_uri'] != ''")
+        train = next(key for key, t in group_tasks.items() if t["taskInfo"]["name"] == "train")
+        external = tasks_of(spec, branch)["external"]
+        assert external["inputs"]["artifacts"]["model"]["componentInputArtifact"] == (
+            f"pipelinechannel--{train}-model")
+        assert external["inputs"]["parameters"]["external_uri"] == {
+            "componentInputParameter": "pipelinechannel--external_uri"}
+        assert "train" in condition["dependentTasks"] or train in condition["dependentTasks"]
 
 
 def test_cohort_runs_only_without_raw_uri(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
@@ -288,12 +317,12 @@ def caching(spec: dict[str, Any]) -> dict[str, bool]:
 
 
 def test_caching_on_for_deterministic_stages_off_for_training(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    assert caching(compiled[0]) == {stage: stage not in {"train", *NEVER_CACHED} for stage in PIPELINE_STAGES}
+    assert caching(compiled[0]) == {stage: stage not in {"train", *NEVER_CACHED} for stage in KFP_TASKS}
 
 
 def test_caching_training_when_asked(params: Params, tmp_path: Path) -> None:
     spec, _ = load_ir(compile_pipeline(apply_overrides(params, ["pipeline.cache_training=true"]), tmp_path / "p.yaml"))
-    assert caching(spec) == {stage: stage not in NEVER_CACHED for stage in PIPELINE_STAGES}
+    assert caching(spec) == {stage: stage not in NEVER_CACHED for stage in KFP_TASKS}
 
 
 def test_credentials_secret_name_from_params(params: Params, tmp_path: Path) -> None:
@@ -309,7 +338,7 @@ def test_credentials_secret_name_from_params(params: Params, tmp_path: Path) -> 
 def test_data_version_is_ingests_output(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
     """No ``data_version`` pipeline parameter: every task after ingest reads ingest's output of that name."""
     spec, _ = compiled
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"params_json", "raw_uri"}
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"params_json", "raw_uri", "external_uri"}
     for branch in ("cohort", "drop"):
         tasks = tasks_of(spec, branch)
         ingest = next(name for name, task in spec["components"][branches(spec)[branch]["componentRef"]["name"]][
@@ -317,7 +346,7 @@ def test_data_version_is_ingests_output(compiled: tuple[dict[str, Any], dict[str
         for name, task in tasks.items():
             parameters = task["inputs"]["parameters"]
             assert parameters["params_json"] == {"componentInputParameter": "pipelinechannel--params_json"}, name
-            if name in ("cohort", "ingest"):
+            if name in ("cohort", "ingest", "external"):  # external: the hash of the external drop it reads
                 assert "data_version" not in parameters, name
             else:
                 assert parameters["data_version"] == {

@@ -131,7 +131,7 @@ def test_pipeline_wiring_with_fake_stages(tmp_path: Path, pipeline_root: Path, m
         "data_version": cohort_version,  # ingest's hash of the cohort, exported as $MEDDIFF_DATA_VERSION
     }
     assert json.loads((task_dir(pipeline_root, "generate") / "synthetic" / "patients.json").read_text()) == {
-        "n": params.generate.n_per_class * len(params.cohort.classes)
+        "n": params.generate.n_per_class * len(params.dataset.class_names)
     }
     assert (task_dir(pipeline_root, "explain") / "report" / "index.html").is_file()
 

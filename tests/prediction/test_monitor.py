@@ -11,7 +11,7 @@ import pytest
 from meddiff.config import DropConfig, apply_overrides
 from meddiff.data.cohort_drops import generate_drop
 from meddiff.prediction.monitor import DECISION_FILE, run_monitor
-from tests.prediction.conftest import COHORT, Trained
+from tests.trained_cohort import COHORT, Trained
 
 
 def _drop(trained: Trained, target: Path, seed: int, minority_site_fraction: float) -> Path:

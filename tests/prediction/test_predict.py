@@ -29,10 +29,10 @@ from meddiff.prediction.predict import (
     RISK_ASSESSMENTS_FILE,
     run_predict,
 )
-from tests.prediction.conftest import raw_subset
+from tests.trained_cohort import raw_subset
 
 if TYPE_CHECKING:
-    from tests.prediction.conftest import Trained
+    from tests.trained_cohort import Trained
 
 #: predictions.csv keeps six decimals
 CSV_TOLERANCE = 5e-7

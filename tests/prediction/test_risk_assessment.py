@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
+from meddiff.config import DatasetConfig
 from meddiff.data.fhir_writer import ICD10_SYSTEM
-from meddiff.prediction.risk_assessment import class_codes, dumps, risk_assessment
+from meddiff.prediction.risk_assessment import dumps, risk_assessment
 
 
-def test_class_codes_take_the_first_code_of_each_class() -> None:
-    assert class_codes({"I63": "stroke", "I63.9": "stroke", "Z03.89": "healthy"}) == {"stroke": "I63",
-                                                                                     "healthy": "Z03.89"}
+def test_each_class_is_coded_with_the_first_of_its_dataset_codes() -> None:
+    dataset = DatasetConfig(classes={"healthy": {"icd10": ["Z03.89"]}, "stroke": {"icd10": ["I63.9", "I63"]}})
+    assert dataset.class_icd10 == {"healthy": "Z03.89", "stroke": "I63.9"}
 
 
 def test_risk_assessment_validates_and_keeps_every_class() -> None:

@@ -1,5 +1,6 @@
-"""The data → model adapter: processed arrays as mini-batches of tensors (the whole processed set fits
-in memory).
+"""The data → model adapter: processed arrays as mini-batches of tensors. A batch gathers its patients'
+rows only: the volumes of a loaded set are :class:`meddiff.data.dataset.ShardedArray`, read from the shard
+files on indexing, so an epoch's memory is one batch, whatever the cohort's size.
 
 A batch is a dict of tensors keyed by the processed-data array names (:data:`BATCH_DTYPES`): the
 model inputs (:data:`MODEL_INPUTS`), ``label`` and ``modality_present`` (B, 3). The same conversion
@@ -47,7 +48,8 @@ def to_tensors(arrays: Mapping[str, npt.ArrayLike], device: torch.device | str =
 
 
 def to_batch(data: ProcessedDataset, index: np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Tensors for the patients in ``index``: the model inputs, ``label`` and ``modality_present`` (B, 3)."""
+    """Tensors for the patients in ``index``: the model inputs, ``label`` and ``modality_present`` (B, 3); only
+    these patients' rows are read."""
     return to_tensors({name: data.arrays[name][index] for name in BATCH_DTYPES}, device)
 
 

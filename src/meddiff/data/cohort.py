@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from meddiff.config import CohortConfig, Params
+from meddiff.config import CohortConfig, Params, ParamsError
 from meddiff.data.dicom_writer import Scanner, StudyInfo, deterministic_uid, write_ct_series
 from meddiff.data.fhir_writer import (
     LABS,
@@ -204,12 +204,20 @@ def _exact_counts(total: int, fractions: list[float]) -> list[int]:
     return counts.tolist()
 
 
-def plan_cohort(config: CohortConfig, seed: int, id_prefix: str = "P") -> list[PatientPlan]:
-    """Diagnosis, site, available modalities and injected fault of every patient (deterministic); patient
-    ids are ``id_prefix`` + a five-digit number."""
+def plan_cohort(config: CohortConfig, classes: list[str], seed: int, id_prefix: str = "P") -> list[PatientPlan]:
+    """Diagnosis (one of ``classes``, the ``dataset.classes`` names, at ``config.class_prevalence``), site,
+    available modalities and injected fault of every patient (deterministic); patient ids are ``id_prefix`` +
+    a five-digit number.
+
+    Raises:
+        ParamsError: ``cohort.class_prevalence`` does not give one share per class.
+    """
+    if len(config.class_prevalence) != len(classes):
+        raise ParamsError(f"cohort.class_prevalence has {len(config.class_prevalence)} entries but dataset.classes "
+                          f"has {len(classes)} ({classes}): the cohort needs one share per class")
     rng = np.random.default_rng([seed, 0xC0407])
     n = config.n_patients
-    diagnoses = np.repeat(config.classes, _exact_counts(n, config.class_prevalence))
+    diagnoses = np.repeat(classes, _exact_counts(n, config.class_prevalence))
     rng.shuffle(diagnoses)
     n_minority = round(config.minority_site_fraction * n)
     sites = np.array([MINORITY_SITE] * n_minority + [MAIN_SITE] * (n - n_minority))
@@ -220,7 +228,7 @@ def plan_cohort(config: CohortConfig, seed: int, id_prefix: str = "P") -> list[P
     faults: dict[int, str] = {}
     if config.corrupt_fraction > 0:
         n_faults = min(max(len(FAULT_REASONS), round(config.corrupt_fraction * n)), n)
-        rare = config.classes[int(np.argmin(config.class_prevalence))]
+        rare = classes[int(np.argmin(config.class_prevalence))]
         candidates = [i for i in rng.permutation(n).tolist() if diagnoses[i] != rare] or list(range(n))
         kinds = list(FAULT_REASONS)
         for position, index in enumerate(candidates[:n_faults]):
@@ -287,7 +295,7 @@ def _generate_patient(task: tuple[PatientPlan, Params, Path]) -> PatientOutput:
             )
             observation_lines.append(dumps(resource))
 
-    icd10 = config.condition_icd10[plan.diagnosis]
+    icd10 = params.dataset.class_icd10[plan.diagnosis]
     condition = condition_resource(
         f"cond-{pid}", pid, icd10, ICD10_DISPLAY.get(icd10, plan.diagnosis), effective
     )
@@ -367,6 +375,17 @@ def _write_imaging(
     return len(paths), ledger
 
 
+def cohort_provenance(params: Params) -> dict[str, object]:
+    """The settings that shaped the cohort, as ``cohort.json`` records them: ``params.cohort`` with the classes and
+    the code each is written as (``dataset.classes``) after ``n_patients``, as the file has always listed them
+    (the ephemeral de-identification key hashes the file). ``num_workers`` does not change the output: left out."""
+    settings = params.cohort.model_dump(mode="json", exclude={"num_workers"})
+    provenance: dict[str, object] = {"n_patients": settings.pop("n_patients"), "classes": params.dataset.class_names,
+                                     "class_prevalence": settings.pop("class_prevalence"),
+                                     "condition_icd10": params.dataset.class_icd10}
+    return {**provenance, **settings}
+
+
 def _worker_count(config: CohortConfig, n_tasks: int) -> int:
     workers = config.num_workers or (os.cpu_count() or 1)
     return max(1, min(workers, n_tasks))
@@ -374,7 +393,8 @@ def _worker_count(config: CohortConfig, n_tasks: int) -> int:
 
 def generate_cohort(params: Params, raw_dir: Path) -> CohortResult:
     """Write the synthetic cohort of ``params.cohort`` into ``raw_dir`` (replaced atomically)."""
-    return write_drop(params, plan_cohort(params.cohort, params.seed), Path(raw_dir), labelled=True, extra={})
+    plans = plan_cohort(params.cohort, params.dataset.class_names, params.seed)
+    return write_drop(params, plans, Path(raw_dir), labelled=True, extra={})
 
 
 def write_drop(params: Params, plans: list[PatientPlan], raw_dir: Path, labelled: bool,
@@ -423,14 +443,13 @@ def write_drop(params: Params, plans: list[PatientPlan], raw_dir: Path, labelled
                 if pool is not None:
                     pool.close()
                     pool.join()
-        class_counts = {name: sum(p.diagnosis == name for p in plans) for name in config.classes}
+        class_counts = {name: sum(p.diagnosis == name for p in plans) for name in params.dataset.class_names}
         site_counts = {site: sum(p.site == site for p in plans) for site in (MAIN_SITE, MINORITY_SITE)}
         faults = {p.patient_id: p.fault for p in plans if p.fault}
         write_json(staging / COHORT_FILE, {
             "generator": "meddiff.data.cohort",
             "seed": params.seed,
-            # num_workers does not change the output, so it stays out of the provenance
-            "cohort_params": config.model_dump(mode="json", exclude={"num_workers"}),
+            "cohort_params": cohort_provenance(params),
             "n_patients": len(plans),
             "class_counts": class_counts,
             "site_counts": site_counts,

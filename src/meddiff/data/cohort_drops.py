@@ -46,8 +46,8 @@ def generate_drop(params: Params, drop: DropConfig, raw_dir: Path) -> CohortResu
     atomically.
     """
     shifted = drop_params(params, drop)
-    plans = plan_cohort(shifted.cohort, shifted.seed, drop.id_prefix)
-    rare = shifted.cohort.classes[int(np.argmin(shifted.cohort.class_prevalence))]
+    plans = plan_cohort(shifted.cohort, shifted.dataset.class_names, shifted.seed, drop.id_prefix)
+    rare = shifted.dataset.class_names[int(np.argmin(shifted.cohort.class_prevalence))]
     malformed = [p.index for p in plans if p.diagnosis != rare][: drop.malformed_patients]
     plans = [replace(p, fault=MALFORMED_PATIENT_FAULT) if p.index in malformed else p for p in plans]
     extra: dict[str, object] = {"drop": drop.model_dump(mode="json"), "labelled": drop.labelled}

@@ -71,6 +71,14 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 _EXPLICIT_LONG_HEADER = 12
 _IMPLICIT_HEADER = 8
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+#: transfer syntaxes whose pixel data are the stored values as written (PS3.5 A.1, A.2), little endian
+_NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
+#: the one sample size read without pydicom: 16 bits allocated (any 1–16 of them stored)
+_NATIVE_BITS = 16
+_NATIVE_BYTES = _NATIVE_BITS // 8
+#: elements that make the pixel data something else than one plain greyscale frame
+_NOT_PLAIN_PIXELS = ("FloatPixelData", "DoubleFloatPixelData", "PerFrameFunctionalGroupsSequence",
+                     "SharedFunctionalGroupsSequence")
 _DECIMAL_COMMA = re.compile(r"[+-]?\d*,\d+(?:[eE][+-]?\d+)?|[+-]?\d+,")
 
 
@@ -82,6 +90,19 @@ class SeriesError(Exception):
         self.reason = reason
         self.message = message
         self.path = path
+
+
+@dataclass(frozen=True)
+class NativePixels:
+    """Where the native 16-bit pixel values of a single-frame file lie, with its Modality LUT
+    (``value · slope + intercept``, C.11.1.1.2): what :func:`load_series` needs to read the frame without
+    parsing the file a second time (issue 14: the second parse was a third of ingest's imaging time)."""
+
+    offset: int  # of the first pixel byte in the file
+    dtype: str  # "<i2" (PixelRepresentation 1) or "<u2"
+    bits_stored: int  # the bits above them are ignored (masked, or sign-extended), as pydicom does
+    slope: float
+    intercept: float
 
 
 @dataclass(frozen=True)
@@ -109,6 +130,8 @@ class SliceHeader:
     problem: tuple[str, str] | None = None
     #: every person name in the header, in every plausible character set (for the note scrubber)
     names: tuple[str, ...] = ()
+    #: set when the frame can be read straight from the file (:func:`native_pixels`), else ``None``
+    pixels: NativePixels | None = None
 
 
 @dataclass(frozen=True)
@@ -199,7 +222,9 @@ def repair_numeric_strings(dataset: Any) -> list[tuple[str, str]]:
             dataset[tag] = DataElement(tag, vr, None)
             continue
         repaired = "\\".join(p for p in parts if p is not None)
-        if repaired != text:
+        # padding alone (PS3.5 6.2: leading/trailing spaces of DS/IS are insignificant) reads the same as is;
+        # rewriting every padded value cost ~10 new elements per file (issue 14 profile)
+        if repaired != text and repaired != "\\".join(part.strip() for part in text.split("\\")):
             dataset[tag] = DataElement(tag, vr, repaired.split("\\") if len(parts) > 1 else repaired)
     return lost
 
@@ -394,7 +419,45 @@ def _headers_of(path: Path, ds: Any, offset: int) -> list[SliceHeader] | FilePro
         image_position_patient=_floats(ds.get("ImagePositionPatient")),
         image_orientation_patient=_floats(ds.get("ImageOrientationPatient")),
         pixel_spacing=_floats(ds.get("PixelSpacing")),
+        pixels=native_pixels(path, ds, offset) if problem is None else None,
     )]
+
+
+def native_pixels(path: Path, ds: Any, offset: int) -> NativePixels | None:
+    """How to read the one frame of ``path`` without pydicom, or ``None`` unless it is the plain case:
+    native little-endian transfer syntax, one greyscale sample of 16 bits allocated (1–16 stored), a defined
+    length of exactly ``Rows · Columns · 2`` bytes and nothing after the pixel data (``ds`` was read up to
+    ``offset``, the PixelData tag, and its DS/IS values repaired). ``pixel_array`` gives the same values
+    for that case; every other file is decoded by pydicom as before."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if syntax not in _NATIVE_LITTLE_ENDIAN or any(keyword in ds for keyword in _NOT_PLAIN_PIXELS):
+        return None
+    rows, columns = _int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns"))
+    representation = _int_or_none(ds.get("PixelRepresentation"))
+    bits_stored = _int_or_none(ds.get("BitsStored"))
+    layout = (_int_or_none(ds.get("SamplesPerPixel")), _int_or_none(ds.get("BitsAllocated")),
+              _int_or_none(ds.get("NumberOfFrames")) or 1)
+    if (not rows or not columns or representation not in (0, 1) or layout != (1, _NATIVE_BITS, 1)
+            or bits_stored is None or not 1 <= bits_stored <= _NATIVE_BITS
+            or not str(ds.get("PhotometricInterpretation", "")).startswith("MONOCHROME")):
+        return None
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        head = handle.read(_EXPLICIT_LONG_HEADER)
+    explicit = syntax == ExplicitVRLittleEndian
+    if not head.startswith(_PIXEL_DATA_TAG) or (explicit and head[4:6] not in (b"OB", b"OW")):
+        return None
+    header = _EXPLICIT_LONG_HEADER if explicit else _IMPLICIT_HEADER
+    length = int.from_bytes(head[header - 4 : header], "little")
+    if length != rows * columns * _NATIVE_BYTES or offset + header + length != os.path.getsize(path):
+        return None
+    try:  # as read_pixels reads them; a value it cannot read stays pydicom's (and that series') problem
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        return None
+    return NativePixels(offset + header, "<i2" if representation == 1 else "<u2", bits_stored, slope, intercept)
 
 
 def read_header(path: Path) -> SliceHeader | FileProblem:
@@ -536,6 +599,27 @@ def _read_pixel_file(path: Path) -> tuple[np.ndarray, Any]:
     return frames, dataset
 
 
+def _read_native_frame(header: SliceHeader) -> np.ndarray | None:
+    """``(1, rows, columns)`` rescaled values of a file with :class:`NativePixels`, as :func:`read_pixels`
+    computes them; ``None`` when it has none or the file no longer holds them (then pydicom reads it)."""
+    pixels = header.pixels
+    if pixels is None or not header.rows or not header.columns:
+        return None
+    count = header.rows * header.columns
+    try:
+        values = np.fromfile(header.path, dtype=pixels.dtype, count=count, offset=pixels.offset)
+    except OSError:  # gone since the header scan: pydicom's read names the problem
+        return None
+    if values.size != count:
+        return None
+    unused = _NATIVE_BITS - pixels.bits_stored
+    if unused:  # pydicom's correction of unused bits (PS3.5 8.1.1): shift them out, in the sample's own type
+        np.left_shift(values, unused, out=values)
+        np.right_shift(values, unused, out=values)
+    frames = values.reshape(1, header.rows, header.columns).astype(np.float32)
+    return frames * np.float32(pixels.slope) + np.float32(pixels.intercept)
+
+
 def in_plane_offsets(headers: list[SliceHeader]) -> np.ndarray:
     """``(slices, 2)``: how far each slice origin lies off the slice normal through the first one, in
     (column, row) voxels. Zero for an orthogonal stack; ``k · tan(tilt) · step / Δ`` for a tilted gantry."""
@@ -582,9 +666,13 @@ def load_series(headers: list[SliceHeader]) -> CTVolume:
     for header in ordered:
         if header.path not in decoded:
             decoded.clear()  # frames of one file are adjacent after sorting, or the file is read again
-            decoded[header.path], dataset = _read_pixel_file(header.path)
-            if reference is None:
-                reference = dataset
+            native = _read_native_frame(header) if reference is not None else None
+            if native is not None:
+                decoded[header.path] = native
+            else:
+                decoded[header.path], dataset = _read_pixel_file(header.path)
+                if reference is None:
+                    reference = dataset
         frame = decoded[header.path][header.frame or 0]
         frames.append(frame.T)  # (rows, columns) -> [column, row]
     hu = np.stack(frames, axis=-1)

@@ -30,7 +30,7 @@ class LabSpec:
     category: str
 
 
-#: canonical lab -> how the cohort writes it (the canonical unit agrees with params ingest.lab_units)
+#: canonical lab -> how the cohort writes it (code and unit agree with the default params dataset.features)
 LABS: dict[str, LabSpec] = {
     "wbc": LabSpec("6690-2", "Leukocytes [#/volume] in Blood by Automated count", "10*3/uL", "laboratory"),
     "crp": LabSpec("1988-5", "C reactive protein [Mass/volume] in Serum or Plasma", "mg/L", "laboratory"),
@@ -129,10 +129,11 @@ def patient_resource(
 
 def observation_resource(
     observation_id: str, patient_id: str, lab: str, value: float, effective: str,
-    alternative_unit: bool = False, unit_override: str | None = None,
+    alternative_unit: bool = False, unit_override: str | None = None, spec: LabSpec | None = None,
 ) -> dict[str, Any]:
-    """FHIR R4 Observation with a LOINC code and a UCUM valueQuantity."""
-    spec = LABS[lab]
+    """FHIR R4 Observation with a LOINC code and a UCUM valueQuantity; ``spec`` (default ``LABS[lab]``) says how
+    the lab is coded."""
+    spec = LABS[lab] if spec is None else spec
     code, display, unit = spec.loinc, spec.display, spec.unit
     if alternative_unit and lab in ALTERNATIVE_UNITS:
         code, display, unit, factor, offset = ALTERNATIVE_UNITS[lab]

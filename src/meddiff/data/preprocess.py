@@ -11,8 +11,16 @@
    from ``preprocess.pretrained_tokenizer``;
 4. tabular features (canonical labs, age, sex): training-split median imputation and training-split
    mean/std standardisation, with ``tabular_missing`` flags;
-5. ``arrays.npz`` + ``meta.json`` via :func:`meddiff.data.dataset.save_processed`, ``tokenizer.json``,
-   and a data card in ``report_dir``.
+5. the processed layout of :mod:`.dataset` (per-patient ``arrays/*.npy``, the volumes per shard under
+   ``shards/``, ``meta.json`` with the storage index) via :func:`meddiff.data.dataset.write_processed`,
+   ``tokenizer.json``, and a data card in ``report_dir``.
+
+The volumes are written one patient at a time (:class:`meddiff.data.dataset.RowWriter`), so memory does not
+grow with the cohort. Sharded (issue 14): ``preprocess --shard i/n`` runs the images of one shard
+(:func:`run_preprocess_shard`, patients by :func:`meddiff.data.ingest.shard.shard_of` of the manifest's
+pseudonymised ``patient_id``: the rule ``ingest --shard`` applies to raw ids),
+``preprocess --merge <shard folders>`` fits splits, tokenizer and scaler on the whole manifest as above and
+links the shards' volumes in (:func:`merge_image_shards`): the same arrays as one unsharded run.
 
 Apply mode (:func:`run_preprocess_apply`; new patients, an external drop) runs steps 2-5 on every patient
 with the artefacts saved with a model (``<model>/preprocessing/``) and fits nothing.
@@ -23,9 +31,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,13 +52,20 @@ from meddiff.data.dataset import (
     META_FILE,
     PREPROCESSING_DIR,
     PREPROCESSING_FILES,
+    ROWS_FILE,
+    SHARDED_ARRAYS,
     SPLITS,
+    STORAGE_KEY,
     TOKENIZER_FILE,
     UNKNOWN_LABEL,
-    save_processed,
+    RowWriter,
+    save_array,
+    shard_folder,
+    write_processed,
 )
 from meddiff.data.ingest import MANIFEST_FILE
 from meddiff.data.ingest.manifest import LESION_CONTRAST
+from meddiff.data.ingest.shard import Shard
 from meddiff.data.splits import assert_stratified, stratified_split
 from meddiff.data.tokenizer import (
     SPECIAL_TOKENS,
@@ -61,6 +78,7 @@ from meddiff.data.transforms import CT, IMAGE_KEY, MASK_KEY, image_transforms
 from meddiff.io import atomic_dir, atomic_file, read_json, write_json
 
 LOG = logging.getLogger(__name__)
+IMAGE_ARRAY, MASK_ARRAY = SHARDED_ARRAYS  # the volumes, written per shard
 
 #: non-lab tabular features and their UCUM units
 DEMOGRAPHIC_FEATURES: dict[str, str] = {"age": "a", "sex_male": "{indicator}"}
@@ -166,11 +184,13 @@ def _cache_hash(item: dict[str, Any]) -> bytes:
     return item[CACHE_KEY].encode()
 
 
-def _images(manifest: pd.DataFrame, interim_dir: Path, params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _image_shard(manifest: pd.DataFrame, interim_dir: Path, params: Params, shard_dir: Path) -> np.ndarray:
+    """Every image (and lesion mask) of ``manifest`` through the transforms, written row by row into
+    ``shard_dir/image.npy`` (n, C, D, H, W) float16 and ``lesion_mask.npy`` (n, 1, D, H, W) uint8 in manifest
+    order (zeros without an image or mask), so memory holds one patient at a time; returns ``has_lesion_mask``
+    (n,) bool."""
     config = params.preprocess
     n = len(manifest)
-    images = np.zeros((n, len(IMAGE_CHANNELS), *config.spatial_size), dtype=np.float16)
-    masks = np.zeros((n, 1, *config.spatial_size), dtype=np.uint8)
     has_mask = np.zeros(n, dtype=bool)
     modalities = (manifest["image_modality"] if "image_modality" in manifest.columns
                   else pd.Series([CT] * n, index=manifest.index))
@@ -193,24 +213,28 @@ def _images(manifest: pd.DataFrame, interim_dir: Path, params: Params) -> tuple[
         items.append(item)
     progress = tqdm(total=sum(len(rows) for rows, _ in groups.values()), desc="preprocess images",
                     disable=not sys.stderr.isatty())
-    for (with_mask, modality), (rows, items) in sorted(groups.items()):
-        transform = image_transforms(config, with_mask=with_mask, modality=modality)
-        from monai.data import Dataset, PersistentDataset
+    size = tuple(config.spatial_size)
+    with (RowWriter(shard_dir / f"{IMAGE_ARRAY}.npy", n, (len(IMAGE_CHANNELS), *size), np.float16) as images,
+          RowWriter(shard_dir / f"{MASK_ARRAY}.npy", n, (1, *size), np.uint8) as masks):
+        for (with_mask, modality), (rows, items) in sorted(groups.items()):
+            transform = image_transforms(config, with_mask=with_mask, modality=modality)
+            from monai.data import Dataset, PersistentDataset
 
-        if config.cache_dir is not None:
-            Path(config.cache_dir).mkdir(parents=True, exist_ok=True)
-            dataset: Any = PersistentDataset(items, transform, cache_dir=config.cache_dir, hash_func=_cache_hash)
-        else:
-            dataset = Dataset(items, transform)  # lazy: one item transformed per index
-        for i, index in enumerate(rows):
-            out = dataset[i]
-            images[index] = np.asarray(out[IMAGE_KEY], dtype=np.float16)
-            if with_mask:
-                masks[index] = np.asarray(out[MASK_KEY]).astype(np.uint8)
-                has_mask[index] = True
-            progress.update()
+            if config.cache_dir is not None:
+                Path(config.cache_dir).mkdir(parents=True, exist_ok=True)
+                dataset: Any = PersistentDataset(items, transform, cache_dir=config.cache_dir,
+                                                 hash_func=_cache_hash)
+            else:
+                dataset = Dataset(items, transform)  # lazy: one item transformed per index
+            for i, index in enumerate(rows):
+                out = dataset[i]
+                images.write(index, np.asarray(out[IMAGE_KEY], dtype=np.float16))
+                if with_mask:
+                    masks.write(index, np.asarray(out[MASK_KEY]).astype(np.uint8))
+                    has_mask[index] = True
+                progress.update()
     progress.close()
-    return images, masks, has_mask
+    return has_mask
 
 
 def _data_card(manifest: pd.DataFrame, split: np.ndarray, class_names: list[str]) -> dict[str, Any]:
@@ -275,22 +299,20 @@ def _label_indices(manifest: pd.DataFrame, class_names: list[str], source: Path,
         raise ValueError(f"{source}: {int((~known).sum())} patients have no label; fitting needs labelled patients")
     unknown = sorted(set(labels[known]) - set(class_names))
     if unknown:
-        raise ValueError(f"{source}: labels {unknown} are not in cohort.classes {class_names}")
+        raise ValueError(f"{source}: labels {unknown} are not in dataset.classes {class_names}")
     return np.array([class_names.index(label) if ok else UNKNOWN_LABEL
                      for label, ok in zip(labels, known, strict=True)], dtype=np.int64)
 
 
 def _patient_arrays(
-    manifest: pd.DataFrame, interim_dir: Path, params: Params, tokenizer: Any, scaler: TabularScaler,
-    labels: np.ndarray, split: np.ndarray, started: float,
+    manifest: pd.DataFrame, tokenizer: Any, scaler: TabularScaler, labels: np.ndarray, split: np.ndarray,
+    max_note_tokens: int, has_lesion_mask: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """The processed arrays (:data:`meddiff.data.dataset.ARRAY_SPEC`) of ``manifest`` with *given* (already
-    fitted) tokenizer and scaler; ``params.preprocess`` sets the image transforms. Shared by fit and apply mode."""
-    images, masks, has_mask = _images(manifest, interim_dir, params)
-    LOG.info("preprocess: %d images through MONAI (%.1f s)", int(manifest.has_image.sum()),
-             time.perf_counter() - started)
+    """The per-patient arrays of :data:`meddiff.data.dataset.ARRAY_SPEC` other than the volumes (written per
+    shard by :func:`_image_shard`), with *given* (already fitted) tokenizer and scaler. Shared by fit and apply
+    mode."""
     notes = _notes(manifest)
-    token_ids, token_mask = encode_notes(tokenizer, notes, params.preprocess.max_note_tokens)
+    token_ids, token_mask = encode_notes(tokenizer, notes, max_note_tokens)
     labs = scaler.names[: len(scaler.names) - len(DEMOGRAPHIC_FEATURES)]
     tabular, tabular_missing = scaler.transform(tabular_frame(manifest, labs).to_numpy(dtype=float))
     modality_present = np.stack([
@@ -303,9 +325,7 @@ def _patient_arrays(
         "label": labels,
         "split": split.astype(str),
         "site": manifest["site"].to_numpy(str),
-        "image": images,
-        "lesion_mask": masks,
-        "has_lesion_mask": has_mask,
+        "has_lesion_mask": has_lesion_mask,
         LESION_CONTRAST: (manifest[LESION_CONTRAST].to_numpy(dtype=np.float32) if LESION_CONTRAST in manifest
                           else np.full(len(manifest), np.nan, dtype=np.float32)),
         "token_ids": token_ids,
@@ -316,16 +336,47 @@ def _patient_arrays(
     }
 
 
+def _whole_shard(manifest: pd.DataFrame, interim_dir: Path, params: Params, staging: Path, started: float,
+                 ) -> tuple[list[str], np.ndarray]:
+    """The volumes of every patient as the one shard of ``staging``: (shard folders, has_lesion_mask)."""
+    shard = shard_folder(staging, _shard_name(Shard(0, 1)))
+    has_mask = _image_shard(manifest, interim_dir, params, shard)
+    save_array(shard / ROWS_FILE, np.arange(len(manifest), dtype=np.int64))
+    LOG.info("preprocess: %d images through MONAI (%.1f s)", int(manifest.has_image.sum()),
+             time.perf_counter() - started)
+    return [shard.relative_to(staging).as_posix()], has_mask
+
+
 def _notes(manifest: pd.DataFrame) -> list[str | None]:
     return [n if isinstance(n, str) and n else None for n in manifest["note"]]
 
 
-def run_preprocess(params: Params, interim_dir: Path, processed_dir: Path, report_dir: Path) -> PreprocessResult:
-    """Build the processed dataset of the whole cohort; fit everything on the training split only."""
+def run_preprocess(
+    params: Params, interim_dir: Path, processed_dir: Path, report_dir: Path, shard: str | Shard | None = None,
+    merge: Sequence[Path] = (),
+) -> PreprocessResult:
+    """Build the processed dataset of the whole cohort; fit everything on the training split only.
+
+    Args:
+        shard: ``"i/n"``: only run the images of shard ``i`` of ``n`` (:func:`meddiff.data.ingest.shard.shard_of`
+            of the manifest's ``patient_id``) into ``processed_dir`` (:func:`run_preprocess_shard`); ``report_dir`` is
+            not written.
+        merge: folders written with ``shard`` (every shard ``0..n-1`` once): their volumes become the processed
+            set's instead of running the images here (:func:`merge_image_shards`). The result equals an
+            unsharded run's, array for array.
+
+    Raises:
+        ValueError: both ``shard`` and ``merge``; see also :func:`merge_image_shards`.
+    """
+    if shard is not None and merge:
+        raise ValueError("preprocess takes --shard (one shard's images) or --merge (the shards), not both")
+    if shard is not None:
+        return run_preprocess_shard(params, interim_dir, Shard.parse(shard) if isinstance(shard, str) else shard,
+                                    processed_dir)
     started = time.perf_counter()
     interim_dir = Path(interim_dir)
     config = params.preprocess
-    class_names = list(params.cohort.classes)
+    class_names = params.dataset.class_names
     manifest = _read_manifest(interim_dir)
     labels = _label_indices(manifest, class_names, interim_dir / MANIFEST_FILE, allow_unknown=False)
 
@@ -339,10 +390,9 @@ def run_preprocess(params: Params, interim_dir: Path, processed_dir: Path, repor
     else:
         tokenizer = train_note_tokenizer(train_notes, config.vocab_size, config.max_note_tokens)
 
-    labs = list(params.ingest.lab_units)
-    units = [params.ingest.lab_units[lab] for lab in labs] + list(DEMOGRAPHIC_FEATURES.values())
+    labs = params.dataset.feature_names
+    units = [params.dataset.feature_units[lab] for lab in labs] + list(DEMOGRAPHIC_FEATURES.values())
     scaler = fit_tabular_scaler(tabular_frame(manifest, labs)[train], units)
-    arrays = _patient_arrays(manifest, interim_dir, params, tokenizer, scaler, labels, split, started)
 
     split_counts = {s: int((split == s).sum()) for s in SPLITS}
     meta = {
@@ -363,18 +413,120 @@ def run_preprocess(params: Params, interim_dir: Path, processed_dir: Path, repor
     }
     card = _data_card(manifest, split, class_names)
     with atomic_dir(processed_dir) as staging, atomic_dir(report_dir) as report:
-        save_processed(staging, arrays, meta)
+        if merge:
+            shards, has_mask = merge_image_shards(params, manifest, [Path(m) for m in merge], staging)
+        else:
+            shards, has_mask = _whole_shard(manifest, interim_dir, params, staging, started)
+        arrays = _patient_arrays(manifest, tokenizer, scaler, labels, split, config.max_note_tokens, has_mask)
+        write_processed(staging, arrays, meta, shards)
         with atomic_file(staging / TOKENIZER_FILE) as handle:
             handle.write(tokenizer.to_str(pretty=True))
         write_json(report / "data_card.json", card)
         (report / "data_card.md").write_text(_data_card_markdown(card), encoding="utf-8")
     seconds = time.perf_counter() - started
-    LOG.info("preprocess: %d patients, splits %s, vocab %d (%.1f s)", len(manifest), split_counts,
-             meta["vocab_size"], seconds)
+    LOG.info("preprocess: %d patients, splits %s, vocab %d, %d image shard(s) (%.1f s)", len(manifest),
+             split_counts, meta["vocab_size"], len(shards), seconds)
     return PreprocessResult(
         processed_dir=Path(processed_dir), n_patients=len(manifest), split_counts=split_counts,
         vocab_size=meta["vocab_size"], n_tabular=len(scaler.names), seconds=round(seconds, 2),
     )
+
+
+#: in a folder written by ``preprocess --shard``: which shard, of how many patients, with which image params
+SHARD_FILE = "shard.json"
+#: in a shard folder: the ``patient_id`` (n_shard,) of each row, and whether it has a lesion mask
+SHARD_PATIENTS_FILE = "patient_id.npy"
+SHARD_HAS_MASK_FILE = "has_lesion_mask.npy"
+
+
+def run_preprocess_shard(params: Params, interim_dir: Path, shard: Shard, shard_dir: Path) -> PreprocessResult:
+    """``preprocess --shard i/n``: the volumes of the manifest's patients of ``shard`` (in ``patient_id``
+    order), one patient at a time, into ``shard_dir`` (atomically): ``image.npy``, ``lesion_mask.npy``,
+    :data:`SHARD_PATIENTS_FILE`, :data:`SHARD_HAS_MASK_FILE` and :data:`SHARD_FILE`. Fits nothing: splits,
+    tokenizer and scaler need the whole cohort and are made by the merge (``preprocess --merge``).
+
+    Raises:
+        FileNotFoundError: no manifest.
+    """
+    started = time.perf_counter()
+    interim_dir = Path(interim_dir)
+    manifest = _read_manifest(interim_dir)
+    mine = manifest[[shard.owns(pid) for pid in manifest["patient_id"]]].reset_index(drop=True)
+    with atomic_dir(shard_dir) as staging:
+        has_mask = _image_shard(mine, interim_dir, params, staging)
+        save_array(staging / SHARD_PATIENTS_FILE, mine["patient_id"].to_numpy(str))
+        save_array(staging / SHARD_HAS_MASK_FILE, has_mask)
+        write_json(staging / SHARD_FILE, {"shard": f"{shard.index}/{shard.count}", "n_patients": len(mine),
+                                          "image_params": _image_params(params),
+                                          "image_channels": list(IMAGE_CHANNELS)})
+    seconds = time.perf_counter() - started
+    LOG.info("preprocess: shard %s, %d of %d patients (%.1f s)", shard.label, len(mine), len(manifest), seconds)
+    return PreprocessResult(processed_dir=Path(shard_dir), n_patients=len(mine), seconds=round(seconds, 2))
+
+
+def merge_image_shards(
+    params: Params, manifest: pd.DataFrame, shard_dirs: list[Path], staging: Path,
+) -> tuple[list[str], np.ndarray]:
+    """Put the volumes of the ``shard_dirs`` (written by :func:`run_preprocess_shard`) under ``staging``'s
+    ``shards/`` with each row's row in ``manifest`` (``rows.npy``); return (shard folders relative to
+    ``staging``, has_lesion_mask (N,) bool in manifest order). The volume files are hard-linked (copied in
+    blocks where the file system cannot link), never read into memory.
+
+    Raises:
+        FileNotFoundError: a folder without :data:`SHARD_FILE`.
+        ValueError: the shards are not each of ``0..n-1`` exactly once, were made with other image parameters,
+            or their patients are not exactly the manifest's.
+    """
+    infos = []
+    for folder in shard_dirs:
+        if not (folder / SHARD_FILE).is_file():
+            raise FileNotFoundError(f"{folder / SHARD_FILE}: not found; write shards with `meddiff preprocess "
+                                    f"--shard i/n --processed-dir {folder}`")
+        infos.append((Shard.parse(read_json(folder / SHARD_FILE)["shard"]), folder))
+    counts = {shard.count for shard, _ in infos}
+    found = sorted(shard.index for shard, _ in infos)
+    if len(counts) != 1 or found != list(range(counts.pop())):
+        raise ValueError(f"merge needs shards 0..n-1 of one n exactly once, got {[s.label for s, _ in infos]}")
+    position = pd.Series(np.arange(len(manifest)), index=manifest["patient_id"].to_numpy(str))
+    has_mask = np.zeros(len(manifest), dtype=bool)
+    seen = np.zeros(len(manifest), dtype=bool)
+    shards = []
+    for shard, folder in sorted(infos, key=lambda info: info[0].index):
+        recorded = read_json(folder / SHARD_FILE)
+        if recorded["image_params"] != _image_params(params) or recorded["image_channels"] != list(IMAGE_CHANNELS):
+            raise ValueError(f"{folder}: shard {shard.label} was made with image parameters "
+                             f"{recorded['image_params']}, this merge uses {_image_params(params)}")
+        patients = np.load(folder / SHARD_PATIENTS_FILE, allow_pickle=False)
+        unknown = sorted(set(patients.tolist()) - set(position.index))
+        if unknown or any(not shard.owns(pid) for pid in patients):
+            raise ValueError(f"{folder}: shard {shard.label} holds patients not of this manifest's shard "
+                             f"(e.g. {(unknown or patients.tolist())[:3]}); preprocess the shards from this interim")
+        rows = position.loc[patients].to_numpy(np.int64)
+        seen[rows] = True
+        has_mask[rows] = np.load(folder / SHARD_HAS_MASK_FILE, allow_pickle=False)
+        target = shard_folder(staging, _shard_name(shard))
+        target.mkdir(parents=True)
+        for name in SHARDED_ARRAYS:
+            _link_or_copy(folder / f"{name}.npy", target / f"{name}.npy")
+        save_array(target / ROWS_FILE, rows)
+        shards.append(target.relative_to(staging).as_posix())
+    if not seen.all():
+        missing = manifest["patient_id"][~seen].tolist()
+        raise ValueError(f"{len(missing)} manifest patients are in no shard (e.g. {missing[:3]}); the shards were "
+                         f"made from another interim")
+    return shards, has_mask
+
+
+def _shard_name(shard: Shard) -> str:
+    """The shard's folder under ``shards/``, sorting in shard order: ``00002-of-00004``."""
+    return f"{shard.index:05d}-of-{shard.count:05d}"
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copyfile(source, target)
 
 
 def params_for_artefacts(params: Params, meta: dict[str, Any]) -> Params:
@@ -402,7 +554,7 @@ def run_preprocess_apply(
 
     A patient without a diagnosis gets :data:`UNKNOWN_LABEL`; a lab the model uses but the manifest lacks
     is missing for every patient (imputed with the training median, flagged in ``tabular_missing``).
-    ``processed_dir`` holds ``arrays.npz``, ``meta.json`` (the artefacts' meta with this drop's counts) and
+    ``processed_dir`` holds the processed arrays, ``meta.json`` (the artefacts' meta with this drop's counts) and
     ``tokenizer.json``; ``report_dir``, if given, the data card. Both are written atomically.
 
     Raises:
@@ -425,12 +577,14 @@ def run_preprocess_apply(
     labs = scaler.names[: len(scaler.names) - len(DEMOGRAPHIC_FEATURES)]
     manifest = manifest.assign(**{lab: np.nan for lab in labs if lab not in manifest.columns})
     split = np.full(len(manifest), APPLY_SPLIT)
-    arrays = _patient_arrays(manifest, interim_dir, applied, tokenizer, scaler, labels, split, started)
     meta = {**fitted_meta, "split_counts": {APPLY_SPLIT: len(manifest)}, "n_patients": len(manifest),
             "sites": sorted(manifest["site"].unique().tolist()), "mode": "apply",
             "n_labelled": int((labels != UNKNOWN_LABEL).sum())}
     with atomic_dir(processed_dir) as staging:
-        save_processed(staging, arrays, meta)
+        shards, has_mask = _whole_shard(manifest, interim_dir, applied, staging, started)
+        arrays = _patient_arrays(manifest, tokenizer, scaler, labels, split, applied.preprocess.max_note_tokens,
+                                 has_mask)
+        write_processed(staging, arrays, {k: v for k, v in meta.items() if k != STORAGE_KEY}, shards)
         shutil.copyfile(artefacts_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
     if report_dir is not None:
         card = {"n_patients": len(manifest), "mode": "apply", "artefacts": str(artefacts_dir),

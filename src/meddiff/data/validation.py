@@ -177,9 +177,9 @@ def condition_rules(class_names: list[str]) -> list[Rule]:
         Rule("ExpectColumnValuesToNotBeNull", {"column": "patient_id"}, "missing_field",
              "Condition.subject is missing"),
         Rule("ExpectColumnValuesToNotBeNull", {"column": "label"}, "unknown_code",
-             "Condition.code is not mapped to a diagnosis class by ingest.icd10_to_class"),
+             "Condition.code is not mapped to a diagnosis class by dataset.classes"),
         Rule("ExpectColumnValuesToBeInSet", {"column": "label", "value_set": class_names}, "unknown_code",
-             "diagnosis {value!r} is not one of cohort.classes"),
+             "diagnosis {value!r} is not one of dataset.classes"),
     ]
 
 

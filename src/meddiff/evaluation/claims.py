@@ -361,6 +361,7 @@ GENERATE_LATENTS = "generate/latents.npz"
 GENERATE_METRICS = "generate/metrics.json"
 EXPLAIN_METRICS = "explain/metrics.json"
 EVALUATE_METRICS = "evaluate/metrics.json"
+EXTERNAL_METRICS = "external/metrics.json"
 #: The explain score compared with the Dice claim: top-k voxels with k the lesion's size (no threshold to tune).
 DICE_SCORE = "dice_topk"
 
@@ -412,23 +413,26 @@ def _dice_estimate(reports: Path) -> Estimate:
 
 
 def _subgroup_estimate(reports: Path) -> Estimate:
-    path = reports / EVALUATE_METRICS
+    """The minority-site AUC gap of the trained model: on the external drop (``meddiff external``) when it has
+    been scored, else on the internal test split (``evaluate``)."""
+    external, internal = reports / EXTERNAL_METRICS, reports / EVALUATE_METRICS
+    path, where = (external, "external drop") if external.is_file() else (internal, "internal test split")
     if not path.is_file():
-        return _absent(path, "evaluate")
+        return _absent(internal, "evaluate")
     subgroup = json.loads(path.read_text())["subgroup"]
     if not subgroup.get("applicable"):
-        return Estimate.missing(f"not measured: {subgroup.get('reason', 'no subgroup in the test split')}")
+        return Estimate.missing(f"not measured ({where}): {subgroup.get('reason', 'no subgroup')}")
     return Estimate.from_interval(
         subgroup["auc_gap"], subgroup["n_subgroup"] + subgroup["n_rest"],
-        f"site {subgroup['site']}: {subgroup['n_subgroup']} patients vs {subgroup['n_rest']} from other sites "
-        "(the trained model of `evaluate`)",
+        f"{where}, site {subgroup['site']}: {subgroup['n_subgroup']} patients vs {subgroup['n_rest']} from other "
+        "sites (the trained model of `make run`)",
     )
 
 
 def stage_estimates(reports_dir: Path, n_bootstrap: int, seed: int) -> dict[str, Estimate]:
     """The claims measured by other stages, read from their reports under ``reports_dir``: FID
-    (``generate``), attribution Dice (``explain``), the subgroup gap (``evaluate``). A report that does not
-    exist leaves its claim inconclusive, saying which file is absent."""
+    (``generate``), attribution Dice (``explain``), the subgroup gap (``external``, else ``evaluate``). A
+    report that does not exist leaves its claim inconclusive, saying which file is absent."""
     reports = Path(reports_dir)
     return {
         "fid_below_30": _fid_estimate(reports, n_bootstrap, seed),

@@ -74,7 +74,10 @@ def write_probabilities(target: Path, patient_ids: np.ndarray, probs: np.ndarray
 
 
 def imputation_options(model: MedDiffModel) -> list[bool]:
-    return [False, True] if model.spec.diffusion.impute_missing_latents else [False]
+    """Rows without imputation, and with it when the model imputes and has a modality to impute from another (a
+    one-modality model, e.g. EHR only, has nothing to impute: what it never had is never imputed)."""
+    can_impute = model.spec.diffusion.impute_missing_latents and len(model.spec.modalities) > 1
+    return [False, True] if can_impute else [False]
 
 
 def write_robustness(rows: list[dict], report_dir: Path) -> None:
@@ -131,16 +134,24 @@ def plot_robustness(rows: list[dict], target: Path) -> None:
     plt.close(figure)
 
 
-def run_evaluate(params: Params, processed_dir: Path, model_dir: Path, report_dir: Path) -> EvaluateResult:
+def score_patients(
+    params: Params, data: ProcessedDataset, index: np.ndarray, model: MedDiffModel,
+    rare: list[int] | None = None,
+) -> tuple[dict, np.ndarray]:
+    """Every evaluation metric of ``model`` on the patients ``index`` of ``data`` (all labelled).
+
+    Args:
+        rare: the rare classes (indices); ``None`` = :func:`subgroups.rare_classes` of ``data``'s training
+            split and ``evaluate.rare_classes`` (pass the training data's when ``data`` has no training split).
+
+    Returns:
+        ``(metrics, probs)``: the ``metrics.json`` object (``test``, ``rare``, ``subgroup``, ``robustness``; the
+        key ``test`` names the patients scored, whichever split they are) and the (N, K) probabilities.
+    """
     config = params.evaluate
-    data = load_processed(processed_dir)
-    model = MedDiffModel.from_pretrained(model_dir)
-    index = data.indices("test")
-    if len(index) == 0:
-        raise ValueError(f"{processed_dir}: the test split is empty")
     y = data.arrays["label"][index]
     probs = predict_proba(model, data, index)
-    rare = subgroups.rare_classes(data, config.rare_classes)
+    rare = subgroups.rare_classes(data, config.rare_classes) if rare is None else rare
     site = subgroups.minority_site(data, config.subgroup_site)
     metrics: dict = {
         "class_names": data.class_names,
@@ -150,19 +161,38 @@ def run_evaluate(params: Params, processed_dir: Path, model_dir: Path, report_di
             y, probs, data.arrays["site"][index], site, config.n_bootstrap, params.seed
         ),
     }
-    rows = robustness.robustness_sweep(
+    metrics["robustness"] = robustness.robustness_sweep(
         model_predictor(model, params.seed), data, index, list(config.masking_rates), config.n_repeats,
         imputation_options(model), rare, config.n_bootstrap, params.seed,
     )
-    metrics["robustness"] = rows
+    return metrics, probs
+
+
+def write_scores(
+    params: Params, metrics: dict, data: ProcessedDataset, index: np.ndarray, probs: np.ndarray, model_dir: Path,
+    report_dir: Path, run_name: str,
+) -> None:
+    """``metrics.json``, the probabilities, the robustness tables and plot into ``report_dir``; the same logged
+    to MLflow as the child run ``run_name`` of the model's training run."""
     run_file = Path(model_dir) / RUN_FILE
     run = read_json(run_file) if run_file.is_file() else {}
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     write_json(report_dir / "metrics.json", metrics)
     write_probabilities(report_dir / TEST_PROBABILITIES_FILE, data.arrays["patient_id"][index], probs, data.class_names)
-    write_robustness(rows, report_dir)
-    _log_to_mlflow(params, run.get("mlflow_run_id"), metrics, report_dir)
+    write_robustness(metrics["robustness"], report_dir)
+    _log_to_mlflow(params, run.get("mlflow_run_id"), metrics, report_dir, run_name)
+
+
+def run_evaluate(params: Params, processed_dir: Path, model_dir: Path, report_dir: Path) -> EvaluateResult:
+    data = load_processed(processed_dir)
+    model = MedDiffModel.from_pretrained(model_dir)
+    index = data.indices("test")
+    if len(index) == 0:
+        raise ValueError(f"{processed_dir}: the test split is empty")
+    metrics, probs = score_patients(params, data, index, model)
+    write_scores(params, metrics, data, index, probs, model_dir, report_dir, "evaluate")
+    rows = metrics["robustness"]
     test = metrics["test"]
     return EvaluateResult(
         report_dir=str(report_dir),
@@ -178,8 +208,8 @@ def run_evaluate(params: Params, processed_dir: Path, model_dir: Path, report_di
     )
 
 
-def _log_to_mlflow(params: Params, parent_run_id: str | None, metrics: dict, report_dir: Path) -> None:
-    """Log the evaluation as a child run of the training run that produced the model."""
+def _log_to_mlflow(params: Params, parent_run_id: str | None, metrics: dict, report_dir: Path, run_name: str) -> None:
+    """Log the evaluation as a child run ``run_name`` of the training run that produced the model."""
     import mlflow
 
     from meddiff import tracking
@@ -188,10 +218,10 @@ def _log_to_mlflow(params: Params, parent_run_id: str | None, metrics: dict, rep
     tags = tracking.run_tags(params, None)
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(experiment_id=experiment_id, run_name="evaluate", tags=tags):
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags):
         flat = {f"test_{k}": v["value"] for k, v in metrics["test"].items() if isinstance(v, dict) and "value" in v}
         mlflow.log_metrics({k: v for k, v in flat.items() if np.isfinite(v)})
         random_rows = [r for r in metrics["robustness"] if r["scenario"] == "random" and not r["imputation"]]
         for step, row in enumerate(random_rows):
             mlflow.log_metric("robust_auc_macro", row["auc_macro"], step=step)
-        mlflow.log_artifacts(str(report_dir), artifact_path="evaluate")
+        mlflow.log_artifacts(str(report_dir), artifact_path=run_name)

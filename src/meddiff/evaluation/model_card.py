@@ -360,6 +360,8 @@ def _count(value: Any) -> str:
 
 def _explanations(card: CardInputs) -> tuple[list[str], bool]:
     summary = card.explanation
+    if summary and summary.get("applicable") is False:
+        return [f"Explanation scores: not applicable ({summary.get('reason', '')})."], False
     if not summary or not summary.get("localisation"):
         return [f"Explanation scores: {NOT_MEASURED} (no explain report for this model when the card was "
                 "written)."], False

@@ -23,7 +23,7 @@ import numpy as np
 
 from meddiff import tracking
 from meddiff.config import Params
-from meddiff.data.dataset import ARRAYS_FILE, ProcessedDataset, load_processed
+from meddiff.data.dataset import ProcessedDataset, has_processed, load_processed, processed_digest
 from meddiff.evaluation import model_card
 from meddiff.io import read_json, write_json
 from meddiff.metrics import auc_macro
@@ -188,13 +188,11 @@ def write_card(
     the processed data; explanation scores from ``explanation_dir/metrics.json``; a missing file makes its
     section say ``not measured``.
     """
-    from meddiff.tracking import file_digest
-
     data_card_file = Path(data_card_dir) / "data_card.json"
     summary = model_card.read_optional_json(data_card_file)
     source = str(data_card_file)
     processed = Path(processed_dir)
-    has_arrays = (processed / ARRAYS_FILE).is_file()
+    has_arrays = has_processed(processed)
     if summary is None and has_arrays:
         summary, source = model_card.data_summary(data or load_processed(processed)), "the processed data"
     metrics_file = Path(evaluation_dir) / "metrics.json"
@@ -208,7 +206,7 @@ def write_card(
         data_summary=summary,
         data_summary_source=source if summary is not None else None,
         data_version=run_tags.get(DATA_VERSION_TAG) or os.environ.get(DATA_VERSION_ENV),
-        data_md5=run_tags.get(DATA_MD5_TAG) or (file_digest(processed / ARRAYS_FILE) if has_arrays else None),
+        data_md5=run_tags.get(DATA_MD5_TAG) or (processed_digest(processed) if has_arrays else None),
         training=read_json(run_file) if run_file.is_file() else None,
         metrics=metrics,
         robustness=model_card.read_robustness(Path(evaluation_dir) / "robustness.csv"),

@@ -125,6 +125,12 @@ def _note(scenario: Scenario, present: np.ndarray, masked: float) -> str:
         return "nothing to mask: no patient has two modalities (one is always kept)"
     if scenario.name.startswith("absent_") and masked == 0.0:
         return "nothing removed: no patient has this modality beside another one"
+    if scenario.name.startswith("subset_"):
+        shown = scenario.name.removeprefix("subset_").split("+")
+        never = [m for m in shown if not present[:, MODALITIES.index(m)].any()]
+        if never and len(never) < len(shown):
+            rest = "+".join(m for m in shown if m not in never)
+            return f"no test patient has {'+'.join(never)}: the same as subset_{rest}"
     return ""
 
 

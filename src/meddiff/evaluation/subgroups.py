@@ -28,9 +28,13 @@ def rare_classes(data: ProcessedDataset, names: list[str] | None) -> list[int]:
         if unknown:
             raise ValueError(f"evaluate.rare_classes names unknown classes {sorted(unknown)}")
         return [data.class_names.index(n) for n in names]
-    train = data.arrays["label"][data.indices("train")]
-    prevalence = np.bincount(train, minlength=data.n_classes) / max(1, len(train))
-    return [c for c in range(data.n_classes) if 0 < prevalence[c] <= RARE_PREVALENCE]
+    return rare_by_prevalence(data.arrays["label"][data.indices("train")], data.n_classes)
+
+
+def rare_by_prevalence(labels: np.ndarray, n_classes: int) -> list[int]:
+    """The classes present in ``labels`` (N,) with a prevalence ≤ :data:`RARE_PREVALENCE`."""
+    prevalence = np.bincount(labels, minlength=n_classes) / max(1, len(labels))
+    return [c for c in range(n_classes) if 0 < prevalence[c] <= RARE_PREVALENCE]
 
 
 def minority_site(data: ProcessedDataset, name: str | None) -> str | None:

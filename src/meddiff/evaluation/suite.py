@@ -1,7 +1,8 @@
 """Ablations and baselines (proposal §3.6): same data, same training budget, same harness, N seeds.
 
 Every model below is trained on the same training split for the same number of epochs (params
-``evaluate.suite_epochs``, default ``train.epochs``, with the same early stopping), once per seed
+``evaluate.suite_epochs``, default ``train.epochs``, with the same early stopping, and
+``evaluate.suite_refine_epochs`` of latent-diffusion refinement), once per seed
 (``evaluate.suite_seeds`` seeds: ``seed``, ``seed`` + 1, …; the data split is the same for all), and
 evaluated by the same code as the ``evaluate`` stage: test metrics with bootstrap intervals, the random
 masking sweep and all 7 modality subsets. A variant's row is the mean ± sd over its seeds, with each
@@ -165,11 +166,12 @@ def _feature_lr_predictor(data: ProcessedDataset, seed: int) -> robustness.Predi
 
 def _memoised(predict: robustness.Predict) -> robustness.Predict:
     """``predict`` remembering its answers: the sweep, the claims, the imputation comparison and late fusion
-    ask a model about the same patients under the same masks more than once (the data never change)."""
-    answers: dict[tuple[bytes, bytes, bool], np.ndarray] = {}
+    ask a model about the same patients under the same masks more than once (a dataset never changes; the
+    internal and the external data are told apart by identity)."""
+    answers: dict[tuple[int, bytes, bytes, bool], np.ndarray] = {}
 
     def remembered(data: ProcessedDataset, index: np.ndarray, present: np.ndarray, impute: bool) -> np.ndarray:
-        key = (np.asarray(index).tobytes(), np.asarray(present, dtype=bool).tobytes(), bool(impute))
+        key = (id(data), np.asarray(index).tobytes(), np.asarray(present, dtype=bool).tobytes(), bool(impute))
         if key not in answers:
             answers[key] = predict(data, index, present, impute)
         return answers[key]
@@ -203,8 +205,11 @@ def build_variants(
     for name in _needed(config.suite):
         imputes = []
         for seed in seeds:
-            variant_params = apply_overrides(params, [f"train.epochs={epochs}", f"seed={seed}",
-                                                      *TRAINED_VARIANTS[name]])
+            refine = config.suite_refine_epochs
+            variant_params = apply_overrides(params, [
+                f"train.epochs={epochs}", f"seed={seed}",
+                *([f"train.diffusion.refine_epochs={refine}"] if refine is not None else []), *TRAINED_VARIANTS[name],
+            ])
             LOG.info("suite: training %s (seed %d) for up to %d epochs", name, seed, epochs)
             checkpoint_dir = Path(params.paths.checkpoints) / "suite" / f"{name}-{run_key(variant_params, data_md5)}"
             started = time.process_time()
@@ -348,7 +353,40 @@ def _row(name: str, per_seed: list[dict]) -> dict:
     return row
 
 
-def run_suite(params: Params, processed_dir: Path, report_dir: Path) -> SuiteResult:
+def external_rare_estimate(
+    variants: dict[str, Variant], external_processed_dir: Path, params: Params
+) -> claims.Estimate:
+    """The rare-subset claim on the external drop admitted by ``meddiff external`` (``<dir>/processed``): the
+    full model against the best baseline on the rare class at 80 % masking, every seed, the sweep's masks.
+    Missing, with the reason, when the drop has not been admitted or has no rare class."""
+    from meddiff.evaluation.external import PROCESSED_SUBDIR, external_rare_classes
+
+    processed = Path(external_processed_dir) / PROCESSED_SUBDIR
+    if not (processed / "meta.json").is_file():
+        return claims.Estimate.missing(f"not measured on an external drop: {processed} is absent "
+                                       "(run `meddiff external_drop` and `meddiff external` first)")
+    data = load_processed(processed)
+    index = np.arange(len(data))
+    y = data.arrays["label"]
+    rare = external_rare_classes(params, y, data.class_names)
+    scenarios = _scenarios(data, index, params)
+    if not rare or "random@0.8" not in scenarios:
+        return claims.Estimate.missing("not measured on the external drop: no rare class or no 80 % masking rate")
+    probs = {
+        name: {claims.MASKED_80: condition_predictions(variant.predictors, data, index, scenarios["random@0.8"],
+                                                       False)}
+        for name, variant in variants.items() if name == "full" or name in claims.BASELINES
+    }
+    estimate = claims.suite_estimates(y, probs, rare[0], params.evaluate.n_bootstrap, params.seed)[
+        "rare_gain_at_high_missingness"]
+    n_rare = int((y == rare[0]).sum())
+    return claims.Estimate(estimate.value, estimate.ci_low, estimate.ci_high, estimate.n,
+                           f"external drop ({len(y)} patients, {n_rare} {data.class_names[rare[0]]}); {estimate.note}")
+
+
+def run_suite(params: Params, processed_dir: Path, external_processed_dir: Path, report_dir: Path) -> SuiteResult:
+    """The suite on ``processed_dir``; the rare-subset claim on the external drop admitted into
+    ``external_processed_dir`` by ``meddiff external`` when it exists (else on the internal test split, saying so)."""
     from meddiff.training.train import data_digest
 
     config = params.evaluate
@@ -378,6 +416,14 @@ def run_suite(params: Params, processed_dir: Path, report_dir: Path) -> SuiteRes
         details[name] = {"imputation": variant.imputation, "seeds": per_seed}
     predictions = claim_predictions(variants, data, index, params)
     estimates = claims.suite_estimates(y, predictions, rare[0] if rare else None, config.n_bootstrap, params.seed)
+    external_rare = external_rare_estimate(variants, external_processed_dir, params)
+    if math.isfinite(external_rare.value):
+        estimates["rare_gain_at_high_missingness"] = external_rare
+    else:
+        internal = estimates["rare_gain_at_high_missingness"]
+        estimates["rare_gain_at_high_missingness"] = claims.Estimate(
+            internal.value, internal.ci_low, internal.ci_high, internal.n,
+            f"internal test split; {external_rare.note}; {internal.note}")
     comparison_rows = claims.claims_table(
         {IMAGE_VS_FEATURES.key: _image_vs_features(y, predictions, config.n_bootstrap, params.seed)},
         (IMAGE_VS_FEATURES,),

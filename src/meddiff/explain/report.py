@@ -10,6 +10,7 @@ patients are explained, so no mask was seen in training.
 
 from __future__ import annotations
 
+import html
 import logging
 import time
 from dataclasses import dataclass
@@ -127,8 +128,21 @@ def _localisation(
     return rows
 
 
+def not_applicable(report_dir: Path, reason: str) -> ExplainResult:
+    """The report of a model the explanations do not apply to: ``metrics.json`` ``{"applicable": false,
+    "reason": …}`` and a page saying why (the stage's outputs exist, so the pipeline and the model card go on)."""
+    LOG.warning("explain: not applicable: %s", reason)
+    with atomic_dir(report_dir) as staging:
+        write_json(staging / "metrics.json", {"applicable": False, "reason": reason})
+        (staging / REPORT_PAGE).write_text(f"<!doctype html><title>meddiff explain</title><h1>Explanations not "
+                                           f"applicable</h1><p>{html.escape(reason)}</p>\n")
+    nan = float("nan")
+    return ExplainResult(str(Path(report_dir) / REPORT_PAGE), 0, 0, "", nan, nan, nan, nan)
+
+
 def run_explain(params: Params, processed_dir: Path, model_dir: Path, report_dir: Path) -> ExplainResult:
-    """Explain, score and report (see the module docstring).
+    """Explain, score and report (see the module docstring). A model without the image modality (an EHR-only
+    dataset) has no lesion to localise: the report says explanations do not apply (:func:`not_applicable`).
 
     Raises:
         ValueError: no test patient has an image and a lesion mask.
@@ -136,6 +150,10 @@ def run_explain(params: Params, processed_dir: Path, model_dir: Path, report_dir
     config = params.explain
     data = load_processed(processed_dir)
     model = MedDiffModel.from_pretrained(model_dir)
+    if "image" not in model.spec.modalities:
+        return not_applicable(report_dir, f"the model has no image modality (it uses {list(model.spec.modalities)}): "
+                                          "the explanations are scored by how well they localise the lesion in the "
+                                          "image")
     lesion_index = select_patients(data, config.n_patients)
     if len(lesion_index) == 0:
         raise ValueError(f"{processed_dir}: no test patient has an image and a lesion mask to explain")

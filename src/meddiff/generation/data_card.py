@@ -16,6 +16,14 @@ def _interval(value: dict[str, float]) -> str:
     return f"{value['value']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
 
 
+def _spread(value: dict[str, float], spec: str) -> str:
+    return f"{value['mean']:{spec}} [{value['min']:{spec}}, {value['max']:{spec}}]"
+
+
+def _optional(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
 def _privacy_rows(privacy: dict[str, dict[str, Any]]) -> list[str]:
     rows = ["| space | NN distance ratio (synthetic→train / held-out→train, medians) | synthetic closer than held-out "
             "p1 | membership-inference AUC |", "|---|---|---|---|"]
@@ -42,15 +50,36 @@ def data_card(metrics: dict[str, Any], pairs: dict[str, list[dict[str, Any]]], h
     per_class = metrics["n_per_class"]
     export = metrics["export"]
     tstr = metrics["tstr"]
+    draws = metrics["frechet_distance_draws"]
+    pr = metrics["precision_recall"]
     quality_rows = [
         "| measure | synthetic | real floor |", "|---|---|---|",
-        f"| Fréchet distance, fused latent z (synthetic vs real test; floor: real val vs real test) | "
-        f"{metrics['frechet_distance']:.2f} | {metrics['frechet_distance_real_floor']:.2f} |",
-        f"| MMD, fused latent z | {metrics['mmd']:.4f} | {metrics['mmd_real_floor']:.4f} |",
-        f"| class agreement (the model's classifier head calls the sampled class) | "
-        f"{metrics['class_agreement']:.3f} | — |",
+        f"| Fréchet distance, fused latent z ({draws['n_draws']} synthetic sets of {draws['size']} at the training "
+        f"class mix vs real test: mean [min, max]; floor: real val vs real test) | {_spread(draws, '.2f')} | "
+        f"{metrics['frechet_distance_real_floor']:.2f} |",
+        f"| Fréchet distance, fused latent z, the exported class-balanced set vs real test | "
+        f"{metrics['frechet_distance_class_balanced']:.2f} | — |",
     ]
-    quality_rows += [f"| class agreement, {name} | {value:.3f} | — |"
+    if "not_measured" in pr:
+        quality_rows.append(f"| precision/recall, fused latent z (k = {pr['k']}) | not measured: {pr['not_measured']} "
+                            "| — |")
+    else:
+        quality_rows += [
+            f"| precision, fused latent z (k-NN manifold, k = {pr['k']}) | {_spread(pr['precision'], '.3f')} | "
+            f"{pr['real_floor']['precision']:.3f} |",
+            f"| recall, fused latent z | {_spread(pr['recall'], '.3f')} | {pr['real_floor']['recall']:.3f} |",
+        ]
+    quality_rows.append(f"| MMD, fused latent z | {metrics['mmd']:.4f} | {metrics['mmd_real_floor']:.4f} |")
+    for space, planes in metrics.get("image_fid_25d", {}).items():
+        for plane, value in planes.items():
+            spread = {"mean": value["fid"], "min": value["fid_range"][0], "max": value["fid_range"][1]}
+            quality_rows.append(f"| 2.5-D FID, {plane} slices, {space} features | {_spread(spread, '.3g')} | "
+                                f"{value['real_floor']:.3g} |")
+    quality_rows.append(f"| class agreement (the model's classifier head, trained on real patients only, calls the "
+                        f"sampled class; floor column: its recall on real test patients) | "
+                        f"{metrics['class_agreement']:.3f} | — |")
+    real_agreement = metrics.get("class_agreement_real_per_class", {})
+    quality_rows += [f"| class agreement, {name} | {value:.3f} | {_optional(real_agreement.get(name))} |"
                      for name, value in metrics["class_agreement_per_class"].items()]
     lines = [
         "# Data card: meddiff synthetic patients", "", NOT_FOR_CLINICAL_USE, "",
@@ -66,7 +95,7 @@ def data_card(metrics: dict[str, Any], pairs: dict[str, list[dict[str, Any]]], h
         "`meta.security`). Notes are in the DocumentReferences.", "",
         "## How it was generated", "",
         *(f"- {key}: {value}" for key, value in how.items()), "",
-        f"- lab values clipped to `ingest.lab_ranges`: {export['n_lab_values_clipped']}", "",
+        f"- lab values clipped to their `dataset.features` range: {export['n_lab_values_clipped']}", "",
         "## Quality", "", *quality_rows, "",
         "## Privacy", "",
         "Training = the model's training split; held-out = validation + test (never seen in training). "

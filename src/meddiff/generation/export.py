@@ -19,9 +19,9 @@ Every synthetic patient becomes, in the raw layout ``meddiff ingest`` reads (``d
   gender and birth date come from the decoded ``sex_male`` and ``age`` features (birth date = the
   ingest reference date − the decoded age, so ingest reads the same age back); a processed set without
   those features gives a Patient without them (unknown, not invented). Observations: every decoded
-  lab of ``ingest.lab_units``, LOINC-coded (the code must be one of ``ingest.lab_loinc``), in its
-  canonical UCUM unit, clipped to ``ingest.lab_ranges`` (the clipped count is reported). Condition:
-  the ICD-10 code ``cohort.condition_icd10`` gives the sampled class.
+  feature of ``dataset.features``, LOINC-coded (the code must be one of the feature's ``loinc``), in its
+  UCUM ``unit``, clipped to its ``range`` (the clipped count is reported). Condition: the sampled class's
+  own ICD-10 code (the first of its ``dataset.classes`` codes).
 * The note, as a DocumentReference (inline base64 ``text/plain``): a fixed template (:func:`note_text`)
   filled with the **generated findings**: the keyword decoder's probability for every note token is
   mapped onto the RadLex/clinical vocabulary of ``meddiff/resources/radlex_terms.json``
@@ -48,12 +48,14 @@ from typing import Any
 
 import numpy as np
 
+from meddiff import MODALITIES
 from meddiff.config import Params
 from meddiff.data.brain import AIR_HU
 from meddiff.data.cohort import ICD10_DISPLAY
 from meddiff.data.dicom_writer import Scanner, StudyInfo, deterministic_uid, write_ct_series
 from meddiff.data.fhir_writer import (
     LABS,
+    LabSpec,
     condition_resource,
     document_reference_resource,
     observation_resource,
@@ -70,6 +72,8 @@ TEST_DATA_SECURITY = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActRea
                       "display": "test health data"}
 #: ``managingOrganization`` of every synthetic Patient (ingest's ``site``)
 SYNTHETIC_SITE = "meddiff-synthetic"
+#: FHIR Observation category of a generated lab that is not one of the built-in cohort's
+OWN_LAB_CATEGORY = "laboratory"
 PATIENT_PREFIX = "synthetic-"
 #: a note term is listed when the keyword decoder gives it at least this probability
 NOTE_TERM_PROBABILITY = 0.5
@@ -191,7 +195,7 @@ class ExportSettings:
     """What the export needs from params and the processed set's meta."""
 
     reference_date: datetime.date
-    condition_icd10: dict[str, str]
+    class_icd10: dict[str, str]
     lab_loinc: dict[str, list[str]]
     lab_units: dict[str, str]
     lab_ranges: dict[str, tuple[float, float]]
@@ -199,23 +203,27 @@ class ExportSettings:
     hu_window: tuple[float, float]
     pixdim_mm: tuple[float, float, float]
     channel_names: list[str]
+    #: the modalities written (the model's): an EHR-only model's patients get no CT series and no note
+    modalities: tuple[str, ...] = MODALITIES
 
     @classmethod
-    def from_params(cls, params: Params, meta: dict[str, Any]) -> ExportSettings:
+    def from_params(cls, params: Params, meta: dict[str, Any], modalities: tuple[str, ...] = MODALITIES
+                    ) -> ExportSettings:
         """Raises ``ValueError`` when the in-plane voxel is not square (DICOM PixelSpacing is written square)."""
         pixdim = tuple(float(v) for v in meta.get("pixdim_mm", DEFAULT_PIXDIM_MM))
         if pixdim[0] != pixdim[1]:
             raise ValueError(f"processed pixdim_mm {list(pixdim)}: the export writes square pixels, x and y differ")
         return cls(
             reference_date=datetime.date.fromisoformat(params.ingest.reference_date),
-            condition_icd10=dict(params.cohort.condition_icd10),
-            lab_loinc={k: list(v) for k, v in params.ingest.lab_loinc.items()},
-            lab_units=dict(params.ingest.lab_units),
-            lab_ranges={k: (float(v[0]), float(v[1])) for k, v in params.ingest.lab_ranges.items()},
+            class_icd10=params.dataset.class_icd10,
+            lab_loinc={name: list(spec.loinc) for name, spec in params.dataset.features.items()},
+            lab_units=params.dataset.feature_units,
+            lab_ranges={k: (float(v[0]), float(v[1])) for k, v in params.dataset.feature_ranges.items()},
             age_range=(float(params.ingest.age_range[0]), float(params.ingest.age_range[1])),
             hu_window=tuple(float(v) for v in meta.get("hu_window", DEFAULT_HU_WINDOW)),  # type: ignore[arg-type]
             pixdim_mm=pixdim,  # type: ignore[arg-type]
             channel_names=list(meta.get("image_channels", [])),
+            modalities=tuple(modalities),
         )
 
 
@@ -235,11 +243,12 @@ def _demographics(
 
 
 def _observations(patient: DecodedPatient, settings: ExportSettings, effective: str) -> tuple[list[dict], int]:
-    """LOINC/UCUM Observations of the decoded labs and how many values were clipped to ``lab_ranges``.
+    """LOINC/UCUM Observations of the decoded labs and how many values were clipped to ``lab_ranges``. A lab of
+    the built-in cohort declared as the cohort writes it is coded as the cohort codes it (``fhir_writer.LABS``),
+    any other with the first of its ``dataset.features`` LOINC codes, in its unit.
 
     Raises:
-        ValueError: the lab's LOINC code (``fhir_writer.LABS``) or unit disagrees with ``ingest.lab_loinc`` /
-            ``ingest.lab_units``.
+        ValueError: a lab has no LOINC code in ``dataset.features``.
     """
     resources, clipped = [], 0
     for lab, unit in settings.lab_units.items():
@@ -247,14 +256,17 @@ def _observations(patient: DecodedPatient, settings: ExportSettings, effective: 
             continue
         spec = LABS.get(lab)
         if spec is None or spec.loinc not in settings.lab_loinc[lab] or spec.unit != unit:
-            raise ValueError(f"lab {lab!r}: ingest.lab_loinc {settings.lab_loinc[lab]} / lab_units {unit!r} do not "
-                             f"include the code and unit the FHIR writer uses ({spec})")
+            if not settings.lab_loinc[lab]:
+                raise ValueError(f"dataset.features.{lab}.loinc is empty: a generated value is written as a "
+                                 f"LOINC-coded Observation")
+            spec = LabSpec(settings.lab_loinc[lab][0], lab.replace("_", " "), unit, OWN_LAB_CATEGORY)
         low, high = settings.lab_ranges[lab]
         value = patient.features[lab]
         bounded = float(np.clip(value, low, high))
         clipped += int(bounded != value)
         observation_id = f"{patient.patient_id}-{lab.replace('_', '-')}"  # FHIR ids: [A-Za-z0-9-.], no '_'
-        resources.append(_tagged(observation_resource(observation_id, patient.patient_id, lab, bounded, effective)))
+        resources.append(_tagged(observation_resource(observation_id, patient.patient_id, lab, bounded, effective,
+                                                      spec=spec)))
     return resources, clipped
 
 
@@ -311,11 +323,12 @@ def export_drop(patients: list[DecodedPatient], settings: ExportSettings, out: P
     """Write ``patients`` into ``out`` in the raw layout (module docstring). ``out`` must exist.
 
     Raises:
-        ValueError: a class has no ``cohort.condition_icd10`` code; a lab disagrees with the ingest params.
+        ValueError: a class has no ICD-10 code (not in ``dataset.classes``); a lab disagrees with
+            ``dataset.features``.
     """
-    missing = sorted({p.class_name for p in patients} - set(settings.condition_icd10))
+    missing = sorted({p.class_name for p in patients} - set(settings.class_icd10))
     if missing:
-        raise ValueError(f"cohort.condition_icd10 has no ICD-10 code for the classes {missing}")
+        raise ValueError(f"dataset.classes has no ICD-10 code for the classes {missing}")
     (out / "imaging").mkdir()
     (out / "ehr").mkdir()
     effective = f"{settings.reference_date.isoformat()}T09:00:00Z"
@@ -328,17 +341,20 @@ def export_drop(patients: list[DecodedPatient], settings: ExportSettings, out: P
                                     SYNTHETIC_SITE)
         # an unknown gender or birth date is left out (both are 0..1 in FHIR R4 Patient), never invented
         rows["Patient"].append(_tagged({k: v for k, v in resource.items() if v != ""}))
-        observations, clipped = _observations(patient, settings, effective)
-        rows["Observation"].extend(observations)
-        n_clipped += clipped
-        icd10 = settings.condition_icd10[patient.class_name]
+        if "tabular" in settings.modalities:
+            observations, clipped = _observations(patient, settings, effective)
+            rows["Observation"].extend(observations)
+            n_clipped += clipped
+        icd10 = settings.class_icd10[patient.class_name]
         rows["Condition"].append(_tagged(condition_resource(
             f"{patient.patient_id}-condition", patient.patient_id, icd10,
             ICD10_DISPLAY.get(icd10, patient.class_name.replace("_", " ")), effective)))
-        rows["DocumentReference"].append(_tagged(document_reference_resource(
-            f"{patient.patient_id}-note", patient.patient_id, note_text(note_terms(patient.term_probabilities)),
-            effective)))
-        n_files += _write_series(out / "imaging", patient, settings, gender, birth, age, index)
+        if "text" in settings.modalities:
+            rows["DocumentReference"].append(_tagged(document_reference_resource(
+                f"{patient.patient_id}-note", patient.patient_id, note_text(note_terms(patient.term_probabilities)),
+                effective)))
+        if "image" in settings.modalities:
+            n_files += _write_series(out / "imaging", patient, settings, gender, birth, age, index)
     counts = {kind: _write_ndjson(out / "ehr" / f"{kind}.ndjson", resources) for kind, resources in rows.items()}
     return ExportSummary(n_patients=len(patients), n_dicom_files=n_files, resources=counts,
                          n_lab_values_clipped=n_clipped)

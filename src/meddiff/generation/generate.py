@@ -8,11 +8,20 @@ note) per patient (:mod:`.export`), with a data card (:mod:`.data_card`).
 
 Quality is measured, not assumed:
 
-* ``class_agreement``: how often the model's own classifier head assigns the conditioning class to
-  a sampled latent (conditional fidelity);
-* ``frechet_distance`` between synthetic and real held-out latents (the FID formula of Heusel et al.
-  2017 on fused latents, MONAI ``FIDMetric``), next to the same distance between two real splits as
-  the floor that sample size alone produces;
+* ``class_agreement``: how often the model's own classifier head (trained on real patients only)
+  assigns the conditioning class to a sampled latent (conditional fidelity), next to
+  ``class_agreement_real_per_class``: the same head's recall on real test patients, the agreement a
+  perfect generator of that class's real latents would get;
+* ``frechet_distance`` between synthetic and real test latents (the FID formula of Heusel et al.
+  2017 on fused latents, :mod:`.quality`), next to ``frechet_distance_real_floor``, the same distance
+  between the real validation and test splits. The synthetic sets it is measured on are drawn like the
+  floor's: ``generate.n_quality_draws`` sets of as many patients as the validation split, classes at the
+  training split's prevalence (mean and range over the draws). ``frechet_distance_class_balanced`` is
+  the distance of the exported, class-balanced set (its class mix differs from the test split's);
+* ``precision_recall`` (Kynkäänniemi et al. 2019) of the same sets in the latent space, with the real
+  floor (validation against test);
+* ``image_fid_25d``: 2.5-D FID of decoded volumes against real test volumes per slicing plane, on the
+  project's image encoder and, when ``generate.fid_checkpoint`` names one, a user's TorchScript network;
 * ``mmd`` (MONAI ``MMDMetric``) between equal-size sets of synthetic and real latents.
 
 Privacy (:mod:`.privacy`: nearest-neighbour distance ratio, closeness to training patients,
@@ -38,6 +47,7 @@ from meddiff.config import Params
 from meddiff.data.dataset import ProcessedDataset, load_processed
 from meddiff.generation.data_card import data_card
 from meddiff.generation.export import (
+    BRAIN_WINDOW_CHANNEL,
     DecodedPatient,
     ExportSettings,
     export_drop,
@@ -46,6 +56,14 @@ from meddiff.generation.export import (
     term_probabilities,
 )
 from meddiff.generation.privacy import privacy_report
+from meddiff.generation.quality import (
+    checkpoint_slice_features,
+    encoder_slice_features,
+    fid_25d,
+    frechet_distance,
+    load_checkpoint,
+    precision_recall,
+)
 from meddiff.generation.utility import tstr_report
 from meddiff.io import atomic_dir, atomic_file, write_json
 from meddiff.model.inference import encode_latents
@@ -67,12 +85,6 @@ class GenerateResult:
     frechet_distance_real_floor: float
     tstr_over_trtr: float
     membership_inference_auc_latent: float
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    from monai.metrics import FIDMetric
-
-    return float(FIDMetric()(torch.from_numpy(a).double(), torch.from_numpy(b).double()))
 
 
 def mmd(a: np.ndarray, b: np.ndarray, seed: int) -> float:
@@ -142,18 +154,76 @@ def _privacy(
     return reports
 
 
+def quality_draws(
+    model: MedDiffModel, data: ProcessedDataset, n_draws: int, size: int, num_inference_steps: int,
+    guidance_scale: float, generator: torch.Generator, seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n_draws`` synthetic sets of ``size`` latents z, classes drawn at the training split's prevalence:
+    latents (n_draws, size, d) and labels (n_draws, size). The sets the quality measures compare with the real
+    floor, which is measured between real splits of that mix and size."""
+    train_labels = data.arrays["label"][data.indices("train")]
+    prevalence = np.bincount(train_labels, minlength=data.n_classes) / len(train_labels)
+    labels = np.random.default_rng(seed).choice(data.n_classes, size=(n_draws, size), p=prevalence)
+    latents = np.stack([
+        model.sample_latents(torch.from_numpy(row), num_inference_steps, guidance_scale, generator).z.numpy()
+        for row in labels
+    ])
+    return latents, labels
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+
+
+def quality_report(
+    model: MedDiffModel, data: ProcessedDataset, draws: np.ndarray, real: dict[str, np.ndarray], k: int,
+    checkpoint: str | None,
+) -> dict[str, Any]:
+    """Latent Fréchet distance and precision/recall of the ``draws`` (n_draws, size, d) against the real test
+    latents, and the 2.5-D image FID of their decoded volumes (module docstring), each with its real floor
+    (validation split against test split)."""
+    report: dict[str, Any] = {"frechet_distance": _spread([frechet_distance(z, real["test"]) for z in draws])}
+    if min(len(real["val"]), len(real["test"])) > k:
+        pr = [precision_recall(real["test"], z, k) for z in draws]
+        floor_precision, floor_recall = precision_recall(real["test"], real["val"], k)
+        report["precision_recall"] = {
+            "k": k,
+            "precision": _spread([p for p, _ in pr]),
+            "recall": _spread([r for _, r in pr]),
+            "real_floor": {"precision": floor_precision, "recall": floor_recall},
+        }
+    else:
+        report["precision_recall"] = {"k": k, "not_measured": f"the validation and test splits need more than k = {k} "
+                                                              "patients each"}
+    has_image = data.arrays["modality_present"][:, 0].astype(bool)
+    val, test = (index[has_image[index]] for index in (data.indices("val"), data.indices("test")))
+    if len(val) < 2 or len(test) < 2:
+        return report
+    real_images = data.arrays["image"][test].astype(np.float32)
+    floor_images = data.arrays["image"][val].astype(np.float32)
+    synthetic = [decode(model, z[: len(val)], data)[0] for z in draws]
+    spaces = {"meddiff image encoder": encoder_slice_features(model.image_encoder)}
+    if checkpoint is not None:
+        names = list(data.meta.get("image_channels", []))
+        channel = names.index(BRAIN_WINDOW_CHANNEL) if BRAIN_WINDOW_CHANNEL in names else 0
+        spaces[f"checkpoint {Path(checkpoint).name}"] = checkpoint_slice_features(load_checkpoint(checkpoint), channel)
+    report["image_fid_25d"] = {name: fid_25d(features, synthetic, real_images, floor_images)
+                               for name, features in spaces.items()}
+    return report
+
+
 def run_generate(
     params: Params, processed_dir: Path, model_dir: Path, synthetic_dir: Path, report_dir: Path
 ) -> GenerateResult:
     """Sample, decode, measure (quality, privacy, TSTR), export the drop and write the data card.
 
     Raises ``FileNotFoundError`` without processed data or model, ``ValueError`` when a class has no
-    ``cohort.condition_icd10`` code or a decoded lab's coding disagrees with ``ingest.lab_loinc``/``lab_units``.
+    ICD-10 code in ``dataset.classes`` or a decoded lab's coding disagrees with ``dataset.features``.
     """
     config = params.generate
     data = load_processed(processed_dir)
     model = MedDiffModel.from_pretrained(model_dir)
-    settings = ExportSettings.from_params(params, data.meta)
+    settings = ExportSettings.from_params(params, data.meta, model.spec.modalities)
     generator = torch.Generator().manual_seed(params.seed)
     labels = np.repeat(np.arange(data.n_classes), config.n_per_class)
     sampled = model.sample_latents(
@@ -166,6 +236,12 @@ def run_generate(
         name: float((predicted[labels == c] == c).mean()) for c, name in enumerate(data.class_names)
     }
     real = {split: encode_latents(model, data, data.indices(split)) for split in ("train", "val", "test")}
+    draws, draw_labels = quality_draws(model, data, config.n_quality_draws, len(real["val"]),
+                                       config.num_inference_steps, config.guidance_scale, generator, params.seed)
+    quality = quality_report(model, data, draws, real, config.precision_recall_k, config.fid_checkpoint)
+    with torch.no_grad():
+        predicted_real = model.classify_latent(torch.from_numpy(real["test"])).argmax(dim=1).numpy()
+    test_labels = data.arrays["label"][data.indices("test")]
     images, tabular, keywords = decode(model, z, data)
     privacy = _privacy(data, z, images, real, config.n_closest_pairs)
     tstr = tstr_report(z, labels, real["train"], data.arrays["label"][data.indices("train")], real["test"],
@@ -175,8 +251,16 @@ def run_generate(
         "n_per_class": {name: int((labels == c).sum()) for c, name in enumerate(data.class_names)},
         "class_agreement": float((predicted == labels).mean()),
         "class_agreement_per_class": agreement,
-        "frechet_distance": frechet_distance(z, real["test"]),
+        "class_agreement_real_per_class": {
+            name: float((predicted_real[test_labels == c] == c).mean()) if (test_labels == c).any() else None
+            for c, name in enumerate(data.class_names)
+        },
+        "frechet_distance": quality["frechet_distance"]["mean"],
+        "frechet_distance_draws": {**quality["frechet_distance"], "n_draws": len(draws), "size": draws.shape[1]},
         "frechet_distance_real_floor": frechet_distance(real["val"], real["test"]),
+        "frechet_distance_class_balanced": frechet_distance(z, real["test"]),
+        "precision_recall": quality["precision_recall"],
+        "image_fid_25d": quality.get("image_fid_25d", {}),
         "mmd": mmd(z, real["test"], params.seed),
         "mmd_real_floor": mmd(real["val"], real["test"], params.seed),
         "space": "fused patient latent z",
@@ -187,13 +271,16 @@ def run_generate(
     how = {
         "model": f"meddiff latent diffusion from `{model_dir}`",
         "sampler": f"DDIM, {config.num_inference_steps} steps, classifier-free guidance scale {config.guidance_scale}, "
-                   f"seed {params.seed}, {config.n_per_class} patients per class",
+                   f"seed {params.seed}, {config.n_per_class} patients per class; the latent stack [z, h_image, "
+                   "h_text, h_tabular] is sampled jointly in the scaled space (unit variance per dimension, scaler "
+                   "fitted on the training latents) and z is read from it",
         "image": "the image decoder's brain-window channel mapped back to HU through preprocess.hu_window; air "
                  "outside the decoded brain mask; written as a DERIVED\\SECONDARY CT series",
         "labs and demographics": "tabular decoder, training-split scaler inverted; birth date = ingest.reference_date "
                                  "− decoded age",
         "note": "a fixed template listing the RadLex/clinical terms the keyword decoder gives probability ≥ 0.5",
-        "diagnosis": "the class the sample was conditioned on, as a FHIR Condition (cohort.condition_icd10)",
+        "diagnosis": "the class the sample was conditioned on, as a FHIR Condition (the class's own ICD-10 code, "
+                     "the first of dataset.classes)",
     }
     with atomic_dir(synthetic_dir) as staging:
         summary = export_drop(decoded_patients(z, labels, data, images, tabular, keywords), settings, staging)
@@ -207,7 +294,8 @@ def run_generate(
     with atomic_file(report_dir / DATA_CARD, "w") as handle:
         handle.write(card)
     with atomic_file(report_dir / "latents.npz", "wb") as handle:
-        np.savez(handle, synthetic=z, synthetic_labels=labels, real_test=real["test"])
+        np.savez(handle, synthetic=z, synthetic_labels=labels, real_test=real["test"], quality_draws=draws,
+                 quality_draw_labels=draw_labels)
     LOG.info(
         "generated %d patients: class agreement %.3f, FD %.3f (real floor %.3f), TSTR/TRTR %.3f, MI AUC %.3f (latent)",
         len(labels), metrics["class_agreement"], metrics["frechet_distance"], metrics["frechet_distance_real_floor"],

@@ -36,6 +36,15 @@ class EncodedModality:
     latent: torch.Tensor  # (B, d)
 
 
+def absent_modality(batch: int, d_model: int, like: torch.Tensor) -> EncodedModality:
+    """What an encoder the model may not use returns, without running it: no tokens (B, 0, d) and a zero latent
+    (B, d), on ``like``'s device and dtype. No tokens rather than masked ones: the fusion's cost grows with the
+    tokens (the image's region tokens outnumber the others a hundredfold)."""
+    return EncodedModality(like.new_zeros(batch, 0, d_model), torch.zeros(batch, 0, dtype=torch.bool,
+                                                                          device=like.device),
+                           like.new_zeros(batch, d_model))
+
+
 def _conv(c_in: int, c_out: int) -> nn.Sequential:
     """3³ convolution (no bias: BatchNorm follows), BatchNorm, ReLU. BatchNorm, not instance norm: the
     absolute density of a lesion is the signal, per-scan normalisation would erase it."""
@@ -109,11 +118,7 @@ class ImageEncoder(nn.Module):
     def absent(self, image: torch.Tensor) -> EncodedModality:
         """What :meth:`forward` returns for an image the model may not use: zero tokens (all masked) and a
         zero latent, without running the network."""
-        batch, n_tokens = image.shape[0], self.grid[0] * self.grid[1] * self.grid[2]
-        d_model = self.to_latent.out_features
-        tokens = image.new_zeros(batch, n_tokens, d_model)
-        return EncodedModality(tokens, torch.zeros(batch, n_tokens, dtype=torch.bool, device=image.device),
-                               image.new_zeros(batch, d_model))
+        return absent_modality(image.shape[0], self.to_latent.out_features, image)
 
     def forward(self, image: torch.Tensor) -> EncodedModality:
         brain = self.brain_mask(image)

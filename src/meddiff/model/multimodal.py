@@ -6,7 +6,9 @@
                                                           └── decoders ──> volume, EHR vector, note terms
 
 ``modality_present`` (B, 3) says which modalities each patient's input has; training masks a
-modality by presenting it as absent. An absent modality cannot influence any output.
+modality by presenting it as absent. An absent modality cannot influence any output. A modality outside
+``ModelSpec.modalities`` (absent from the dataset, or excluded by ``train.modalities``) costs nothing: its
+encoder and decoder never run, and it is never imputed.
 
 The model saves and loads itself (:meth:`MedDiffModel.save_pretrained` / :meth:`~MedDiffModel.from_pretrained`,
 the diffusers pattern): the weights as a plain state dict (loaded with ``weights_only=True``, never an
@@ -27,7 +29,7 @@ from meddiff.config import DiffusionConfig, ModelConfig
 from meddiff.io import atomic_file, read_json, write_json
 from meddiff.model.decoders import ImageDecoder, KeywordDecoder, TabularDecoder
 from meddiff.model.diffusion import LatentDiffusion
-from meddiff.model.encoders import ImageEncoder, TabularEncoder, TextEncoder
+from meddiff.model.encoders import ImageEncoder, TabularEncoder, TextEncoder, absent_modality
 from meddiff.model.fusion import ConcatFusion, CrossModalFusion
 from meddiff.model.latent_stack import N_LATENT_CHANNELS, LatentStack
 from meddiff.model.ontology import NO_TERM, load_terms
@@ -169,20 +171,32 @@ class MedDiffModel(nn.Module):
         latent of each absent modality is inpainted by the latent diffusion model from the present
         ones. Modalities outside ``spec.modalities`` are never used."""
         modality_present = modality_present & self.allowed_modalities
-        if "image" in self.spec.modalities:
-            image = self.image_encoder(batch["image"])
-        else:  # a model that may not use the image skips its CNN (the costliest encoder): same shapes, all masked
-            image = self.image_encoder.absent(batch["image"])
-        text, text_attentions = self.text_encoder(batch["token_ids"], batch["token_mask"], output_attentions)
-        tabular = self.tabular_encoder(batch["tabular"], batch["tabular_missing"])
+        allowed, tabular_in = self.spec.modalities, batch["tabular"]
+        d_model, n_rows = self.spec.model.d_model, tabular_in.shape[0]
+        # an encoder the model may not use is skipped (no tokens, a zero latent): the CNN is the costliest
+        image_encode = self.image_encoder if "image" in allowed else self.image_encoder.absent
+        image = image_encode(batch["image"])
+        if "text" in allowed:
+            text, text_attentions = self.text_encoder(batch["token_ids"], batch["token_mask"], output_attentions)
+        else:
+            text, text_attentions = absent_modality(n_rows, d_model, tabular_in), None
+        if "tabular" in allowed:
+            tabular = self.tabular_encoder(tabular_in, batch["tabular_missing"])
+        else:
+            tabular = absent_modality(n_rows, d_model, tabular_in)
         encoded = (image, text, tabular)
         latents = torch.stack([self.latent_norm(e.latent) for e in encoded], dim=1)  # (B, M, d)
         imputed = self.impute_latents(latents, modality_present, generator) if impute_missing else None
+        if imputed is not None and not bool(self.allowed_modalities.all()):
+            # only what the model may use is imputed; any other modality keeps the missing-modality token
+            stand_in = self.fusion.missing_query.expand_as(imputed)
+            imputed = torch.where(self.allowed_modalities[None, :, None], imputed, stand_in)
         key_bias = None
         if self.spec.model.ontology_attention:
             key_bias = torch.cat([
                 torch.zeros(image.token_mask.shape, device=image.tokens.device),
-                self.ontology_bias(batch["token_ids"]),
+                self.ontology_bias(batch["token_ids"]) if "text" in allowed
+                else torch.zeros(text.token_mask.shape, device=text.tokens.device),
                 torch.zeros(tabular.token_mask.shape, device=tabular.tokens.device),
             ], dim=1)
         fused = self.fusion(

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from meddiff.config import Params
+from meddiff.data.admit import admit_drop
 from meddiff.data.dataset import UNKNOWN_LABEL
 from meddiff.io import atomic_dir, atomic_file, write_json
 from meddiff.model.multimodal import MedDiffModel
 from meddiff.monitoring.decision import RetrainDecision, assess_drift, decide
 from meddiff.monitoring.reference import MONITORING_DIR, feature_tables, load_reference
-from meddiff.prediction.admit import admit_drop
 from meddiff.prediction.predict import model_uri, resolve_model_dir
 
 LOG = logging.getLogger(__name__)

@@ -33,14 +33,14 @@ import numpy as np
 
 from meddiff import MODALITIES
 from meddiff.config import Params
+from meddiff.data.admit import QUARANTINE_RECORDS_FILE, admit_drop
 from meddiff.data.dataset import PREPROCESSING_DIR
 from meddiff.errors import UserError
 from meddiff.io import atomic_dir, atomic_file, read_json, write_json
 from meddiff.model.calibration import calibrated, load_temperature, log_probabilities
 from meddiff.model.inference import predict_proba
 from meddiff.model.multimodal import MedDiffModel
-from meddiff.prediction.admit import QUARANTINE_RECORDS_FILE, admit_drop
-from meddiff.prediction.risk_assessment import class_codes, dumps, risk_assessment
+from meddiff.prediction.risk_assessment import dumps, risk_assessment
 
 LOG = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def run_predict(params: Params, new_patients_dir: Path, report_dir: Path) -> Pre
 
         _write_predictions(staging / PREDICTIONS_FILE, patient_ids, probs, class_names, present)
         occurrence = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        codes = class_codes(params.ingest.icd10_to_class)
+        codes = params.dataset.class_icd10
         with atomic_file(staging / RISK_ASSESSMENTS_FILE) as handle:
             for pid, row, seen in zip(patient_ids, probs, present, strict=True):
                 resource = risk_assessment(str(pid), dict(zip(class_names, row.tolist(), strict=True)), codes,

@@ -2,8 +2,8 @@
 system to import: one per patient, one ``prediction`` per diagnosis class with its probability.
 
 The subject is the patient's pseudonym (``Patient/<pseudonym>``): only the holder of the
-de-identification key can link it back to the record. The outcome is coded in ICD-10 with the code the
-ingest map (``ingest.icd10_to_class``) gives the class, and carries the class name as text.
+de-identification key can link it back to the record. The outcome is coded in ICD-10 with the class's own
+code (the first of its ``dataset.classes`` codes), and carries the class name as text.
 """
 
 from __future__ import annotations
@@ -21,14 +21,6 @@ FINAL_STATUS = "final"
 PROBABILITY_DECIMALS = 6
 
 
-def class_codes(icd10_to_class: dict[str, str]) -> dict[str, str]:
-    """Class → the first ICD-10 code (in the map's order) that ingest maps to it."""
-    codes: dict[str, str] = {}
-    for code, name in icd10_to_class.items():
-        codes.setdefault(name, code)
-    return codes
-
-
 def risk_assessment(
     pseudonym: str, probabilities: dict[str, float], codes: dict[str, str], occurrence: str, method: str,
     modalities_present: list[str], calibration: str,
@@ -38,7 +30,7 @@ def risk_assessment(
     Args:
         pseudonym: the patient's pseudonym (``anon-…``), the ``subject`` and ``id`` stem.
         probabilities: class name → probability in [0, 1], in the model's class order.
-        codes: class name → ICD-10 code (:func:`class_codes`); a class without one gets text only.
+        codes: class name → ICD-10 code (``DatasetConfig.class_icd10``); a class without one gets text only.
         occurrence: when the assessment was made (ISO 8601 dateTime with a time zone).
         method: the model that made it (``models:/meddiff-diagnosis/3`` or a folder), ``method.text``.
         modalities_present: what the model saw (``image``, ``text``, ``tabular``), in ``note``.

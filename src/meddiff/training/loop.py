@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from meddiff.config import Params, TrainConfig
+from meddiff import MODALITIES
+from meddiff.config import Params, ParamsError, TrainConfig
 from meddiff.data.batches import iterate_batches
 from meddiff.data.brain import BRAIN_MASK_CHANNEL, IMAGE_CHANNELS
 from meddiff.data.dataset import ProcessedDataset
@@ -108,6 +109,28 @@ def init_distributed(device: torch.device) -> Distributed:
     return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
+def model_modalities(params: Params, data: ProcessedDataset) -> tuple[str, ...]:
+    """The modalities the model is built for, in :data:`meddiff.MODALITIES` order: those of ``train.modalities``
+    the dataset has (``dataset.modalities``) and at least one training patient has. The others cost nothing
+    (their encoders and decoders never run) and are never masked or imputed.
+
+    Raises:
+        ParamsError: no modality is left.
+    """
+    train = data.indices("train")
+    in_data = data.arrays["modality_present"][train if len(train) else slice(None)].any(axis=0)
+    wanted = set(params.train.modalities) & set(params.dataset.modalities)
+    chosen = tuple(m for m, seen in zip(MODALITIES, in_data, strict=True) if m in wanted and seen)
+    if not chosen:
+        raise ParamsError(f"no modality to train on: train.modalities {params.train.modalities}, dataset.modalities "
+                          f"{params.dataset.modalities}, in the training data "
+                          f"{[m for m, seen in zip(MODALITIES, in_data, strict=True) if seen]}")
+    skipped = [m for m in MODALITIES if m not in chosen]
+    if skipped:
+        LOG.info("model: modalities %s (not built for %s)", list(chosen), skipped)
+    return chosen
+
+
 def build_model(data: ProcessedDataset, params: Params) -> MedDiffModel:
     """A freshly initialised model sized for ``data`` (classes, features, vocabulary, volume shape)."""
     spec = ModelSpec(
@@ -118,7 +141,7 @@ def build_model(data: ProcessedDataset, params: Params) -> MedDiffModel:
         spatial_size=tuple(int(s) for s in data.arrays["image"].shape[2:]),
         model=params.train.model,
         diffusion=params.train.diffusion,
-        modalities=tuple(params.train.modalities),
+        modalities=model_modalities(params, data),
         image_in_channels=int(data.arrays["image"].shape[1]),
         image_brain_channel=image_brain_channel(data),
     )
@@ -263,7 +286,7 @@ def train_model(
         batches = iterate_batches(data, order[state.step_in_epoch * config.batch_size :], config.batch_size,
                                   shuffle=False, device=device)
         for batch in batches:
-            if config.augment_flip_p > 0 or config.augment_max_shift_voxels > 0:
+            if "image" in model.spec.modalities and (config.augment_flip_p > 0 or config.augment_max_shift_voxels > 0):
                 image, _ = augment_images(batch["image"].cpu(), augment_generator, config.augment_flip_p,
                                           config.augment_max_shift_voxels)
                 batch["image"] = image.to(device)

@@ -8,6 +8,9 @@ in the proposal; 0 gives the classifier-only ablation).
   encoders toward latents that are merely easy to denoise (the trivial minimiser is a collapsed z);
 * L_recon: decoders reconstruct every modality the patient has, also the masked ones, from z
   (image MSE, tabular MSE on observed values, note keyword BCE).
+
+Modalities the model may not use (``ModelSpec.modalities``) are no target of L_diff or L_recon, and their
+decoders do not run: a dataset without images costs no image decoding.
 """
 
 from __future__ import annotations
@@ -82,8 +85,9 @@ def compute_losses(
     generator: torch.Generator | None = None,
 ) -> LossBreakdown:
     labels = batch["label"]
-    # What the patient has in the data, masked or not: the targets of L_diff and L_recon.
-    present = batch["modality_present"]
+    # What the patient has in the data (and the model may use), masked or not: the targets of L_diff and L_recon.
+    present = batch["modality_present"] & model.allowed_modalities
+    allowed = model.spec.modalities
     loss_cls = F.cross_entropy(output.logits, labels, weight=weights)
 
     stack = LatentStack.build(output.modality_latents, present, z=output.z)  # (B, 1 + M, d)
@@ -92,17 +96,20 @@ def compute_losses(
 
     z = output.z
     has_image, has_text, has_tabular = (present[:, m].float() for m in (IMAGE, TEXT, TABULAR))
-    image_error = ((model.image_decoder(z) - batch["image"]) ** 2).flatten(1).mean(dim=1)
-    loss_image = _masked_mean(image_error, has_image)
-    observed = (~batch["tabular_missing"]).float() * has_tabular.unsqueeze(1)
-    tab_error = (model.tabular_decoder(z) - batch["tabular"]) ** 2
-    loss_tabular = (tab_error * observed).sum() / observed.sum().clamp_min(1.0)
-    vocab = model.spec.vocab_size
-    kw_error = F.binary_cross_entropy_with_logits(
-        model.keyword_decoder(z), keyword_targets(batch["token_ids"], batch["token_mask"], vocab), reduction="none"
-    ).mean(dim=1)
-    loss_keywords = _masked_mean(kw_error, has_text)
-    loss_recon = loss_image + loss_tabular + loss_keywords
+    loss_recon = z.new_zeros(())
+    if "image" in allowed:
+        image_error = ((model.image_decoder(z) - batch["image"]) ** 2).flatten(1).mean(dim=1)
+        loss_recon = loss_recon + _masked_mean(image_error, has_image)
+    if "tabular" in allowed:
+        observed = (~batch["tabular_missing"]).float() * has_tabular.unsqueeze(1)
+        tab_error = (model.tabular_decoder(z) - batch["tabular"]) ** 2
+        loss_recon = loss_recon + (tab_error * observed).sum() / observed.sum().clamp_min(1.0)
+    if "text" in allowed:
+        vocab = model.spec.vocab_size
+        kw_error = F.binary_cross_entropy_with_logits(
+            model.keyword_decoder(z), keyword_targets(batch["token_ids"], batch["token_mask"], vocab), reduction="none"
+        ).mean(dim=1)
+        loss_recon = loss_recon + _masked_mean(kw_error, has_text)
 
     total = config.lambda_diff * loss_diff + config.lambda_cls * loss_cls + config.lambda_recon * loss_recon
     return LossBreakdown(total=total, cls=loss_cls, diff=loss_diff, recon=loss_recon)

@@ -22,11 +22,11 @@ import torch
 from meddiff.config import Params
 from meddiff.data.batches import MODEL_INPUTS, to_batch
 from meddiff.data.dataset import (
-    ARRAYS_FILE,
     PREPROCESSING_DIR,
     ProcessedDataset,
     copy_preprocessing_artefacts,
     load_processed,
+    processed_digest,
 )
 from meddiff.io import atomic_dir, write_json
 from meddiff.model.calibration import fit_temperature, log_probabilities, negative_log_likelihood, save_temperature
@@ -54,10 +54,8 @@ class TrainResult:
 
 
 def data_digest(processed_dir: Path) -> str:
-    """MD5 of the processed arrays (the hash DVC records), computed once per stage."""
-    from meddiff.tracking import file_digest
-
-    return file_digest(Path(processed_dir) / ARRAYS_FILE)
+    """MD5 of the processed arrays (:func:`meddiff.data.dataset.processed_digest`), computed once per stage."""
+    return processed_digest(processed_dir)
 
 
 def _save_calibration(model_dir: Path, model: MedDiffModel, data: ProcessedDataset) -> None:

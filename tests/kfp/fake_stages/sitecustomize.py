@@ -98,7 +98,7 @@ def run_generate(
     params: Params, processed_dir: Path, model_dir: Path, synthetic_dir: Path, report_dir: Path
 ) -> dict[str, Any]:
     _read(model_dir, "run.json")
-    n = params.generate.n_per_class * len(params.cohort.classes)
+    n = params.generate.n_per_class * len(params.dataset.class_names)
     _write(synthetic_dir, "patients.json", {"n": n})
     _write(report_dir, "metrics.json", {"n_generated": n})
     return {"n_generated": n}

@@ -175,13 +175,15 @@ def _series_problem(members: list[SliceHeader], accepted_modalities: tuple[str, 
 
 def ingest_dicom(
     raw_dir: Path, files: list[Path], images_dir: Path, ledger: Ledger, workers: int, pseudo: Pseudonymizer,
-    accepted_modalities: tuple[str, ...] = (CT, MR),
+    accepted_modalities: tuple[str, ...] = (CT, MR), keep_patient: Callable[[str | None], bool] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Record], dict[str, tuple[str, ...]]]:
     """DICOM files -> series rows (``SERIES_COLUMNS``), records by SeriesInstanceUID and the person names
     of every readable header by PatientID (accepted or not: they are scrubbed from that patient's notes).
 
     Assembled series are written to ``images_dir`` as ``<pseudonymous UID>.nii.gz``; ``workers > 1``
-    reads and assembles in that many forked processes.
+    reads and assembles in that many forked processes. ``keep_patient`` (sharded ingest,
+    :mod:`meddiff.data.ingest.shard`): a series whose patient (its smallest PatientID, ``None`` without
+    one) it rejects gets no record and is not assembled; every header is still read.
     """
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
@@ -189,10 +191,12 @@ def ingest_dicom(
         records: dict[str, Record] = {}
         tasks = []
         for series_uid, members in sorted(series.items()):
+            patient_id = min(h.patient_id for h in members) or None
+            if keep_patient is not None and not keep_patient(patient_id):
+                continue
             members.sort(key=lambda h: (str(h.path), h.frame or 0))
             record = ledger.add(Record("image_series", f"series/{series_uid}",
-                                       str(members[0].path.parent.relative_to(raw_dir)),
-                                       patient_id=min(h.patient_id for h in members) or None,
+                                       str(members[0].path.parent.relative_to(raw_dir)), patient_id=patient_id,
                                        files=tuple(dict.fromkeys(h.path for h in members))))
             records[series_uid] = record
             problem = _series_problem(members, accepted_modalities)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,14 @@ from meddiff.data.validation import TableValidation
 from meddiff.io import write_json
 
 
-def html_summary(summary: dict[str, Any], validations: dict[str, TableValidation]) -> str:
-    """A one-page HTML view of the counts and of every expectation's outcome."""
+def html_summary(summary: dict[str, Any], expectations: Mapping[str, list[dict[str, Any]]]) -> str:
+    """A one-page HTML view of the counts and of every expectation's outcome (``expectations``: per table,
+    :attr:`meddiff.data.validation.TableValidation.expectations`)."""
     rows = "".join(
         f"<tr><td>{html.escape(t)}</td><td>{html.escape(str(e['expectation']))}</td>"
         f"<td>{html.escape(str(e['column']))}</td><td>{'✔' if e['success'] else '✘'}</td>"
         f"<td>{e['unexpected_count']}</td><td>{html.escape(str(e['reason']))}</td></tr>"
-        for t, v in validations.items() for e in v.expectations
+        for t, listed in expectations.items() for e in listed
     )
     reasons = "".join(f"<li>{html.escape(str(k))}: {v}</li>" for k, v in summary["quarantined_by_reason"].items())
     return (
@@ -85,4 +87,5 @@ def write_report(report_dir: Path, payload: dict[str, Any], validations: dict[st
     for table, validation in validations.items():
         write_json(report_dir / "gx" / f"{table}.json", without_rows(validation.result_json))
     write_json(report_dir / "validation.json", payload)
-    (report_dir / "validation.html").write_text(html_summary(payload, validations), encoding="utf-8")
+    expectations = {table: validation.expectations for table, validation in validations.items()}
+    (report_dir / "validation.html").write_text(html_summary(payload, expectations), encoding="utf-8")

@@ -31,6 +31,7 @@ from meddiff.data.ingest.manifest import (
 )
 from meddiff.data.ingest.notes import note_table
 from meddiff.data.ingest.report import validation_report, write_report
+from meddiff.data.ingest.shard import Shard, shard_frame, shard_ledger, write_shard_marker
 from meddiff.data.ingest.tables import (
     TableSpec,
     condition_table,
@@ -67,26 +68,19 @@ def _worker_count(configured: int) -> int:
     return configured if configured > 0 else max(1, min(os.cpu_count() or 1, MAX_AUTO_WORKERS))
 
 
-def _checked_class_names(params: Params) -> list[str]:
-    """``cohort.classes``; ``ValueError`` if ``ingest.icd10_to_class`` maps a code to any other class."""
-    class_names = list(params.cohort.classes)
-    unknown_classes = sorted(set(params.ingest.icd10_to_class.values()) - set(class_names))
-    if unknown_classes:
-        raise ValueError(f"ingest.icd10_to_class maps to {unknown_classes}, not in cohort.classes {class_names}")
-    return class_names
-
-
 def _read_imaging(params: Params, raw_dir: Path, found: Inventory, images_dir: Path, ledger: Ledger,
-                  pseudo: Pseudonymizer) -> tuple[pd.DataFrame, dict[str, tuple[str, ...]]]:
-    """DICOM series and BraTS cases -> the image series table (``SERIES_COLUMNS``; NIfTI written to images_dir)
-    and the person names of every readable DICOM header by PatientID."""
+                  pseudo: Pseudonymizer, shard: Shard | None) -> tuple[pd.DataFrame, dict[str, tuple[str, ...]]]:
+    """DICOM series and BraTS cases (of ``shard``'s patients only, when given) -> the image series table
+    (``SERIES_COLUMNS``; NIfTI written to images_dir) and the person names of every readable DICOM header
+    by PatientID."""
     started = time.perf_counter()
     config = params.ingest
     dicom_rows, dicom_records, dicom_names = ingest_dicom(raw_dir, found.dicom, images_dir, ledger,
                                                           _worker_count(config.num_workers), pseudo,
-                                                          tuple(config.accepted_modalities))
-    nifti_rows, nifti_records = ingest_nifti(raw_dir, found.nifti_cases, images_dir, ledger, config.brats_channel,
-                                             pseudo)
+                                                          tuple(config.accepted_modalities),
+                                                          keep_patient=shard.owns if shard is not None else None)
+    cases = {case: files for case, files in found.nifti_cases.items() if shard is None or shard.owns(case)}
+    nifti_rows, nifti_records = ingest_nifti(raw_dir, cases, images_dir, ledger, config.brats_channel, pseudo)
     LOG.info("ingest: %d DICOM files -> %d series, %d NIfTI cases (%.1f s)", len(found.dicom),
              len(dicom_records), len(nifti_records), time.perf_counter() - started)
     series = pd.DataFrame(dicom_rows + nifti_rows, columns=SERIES_COLUMNS)
@@ -95,7 +89,7 @@ def _read_imaging(params: Params, raw_dir: Path, found: Inventory, images_dir: P
 
 def run_ingest(
     params: Params, raw_dir: Path, interim_dir: Path, quarantine_dir: Path, report_dir: Path, *,
-    label_required: bool = True,
+    label_required: bool = True, shard: str | Shard | None = None,
 ) -> IngestResult:
     """Read, validate, quarantine and de-identify the raw drop; write the interim manifest, images, masks.
 
@@ -104,10 +98,16 @@ def run_ingest(
     ``missing_label``; every other check, and ``records_in == accepted + quarantined``, stay the same.
 
     ``raw_dir`` may be ``s3://bucket/prefix`` (staged locally first). Raises ``FileNotFoundError`` when
-    there is no raw directory, ``ValueError`` for a diagnosis map outside ``cohort.classes`` and
+    there is no raw directory and
     :class:`meddiff.data.deid.DeidKeyError` when no usable de-identification key is available.
     All three output folders are written atomically.
+
+    ``shard`` (``"i/n"`` or a :class:`~meddiff.data.ingest.shard.Shard`; ``None``/"" = the whole drop) ingests
+    only the records of shard ``i`` of ``n`` (:mod:`meddiff.data.ingest.shard`) and marks the three folders
+    with its :data:`~meddiff.data.ingest.shard.SHARD_FILE`; :func:`~meddiff.data.ingest.shard.merge_ingest`
+    combines the ``n`` shards into the output of one unsharded run.
     """
+    selected = Shard.parse(shard) if isinstance(shard, str) and shard else shard or None
     started = time.perf_counter()
     from meddiff.data.s3 import stage_raw_dir  # s3://bucket/prefix: download to a local staging folder
 
@@ -115,7 +115,7 @@ def run_ingest(
     if not raw_dir.is_dir():
         raise FileNotFoundError(f"{raw_dir}: raw data directory not found; run `meddiff cohort` first")
     config = params.ingest
-    class_names = _checked_class_names(params)
+    dataset = params.dataset
     key, key_source = resolve_key(config.deid_key_env, config.allow_ephemeral_key_for_synthetic, raw_dir)
     pseudo = Pseudonymizer(key, config.deid_max_date_shift_days)
     LOG.info("ingest: de-identification key %s", key_source)
@@ -132,19 +132,26 @@ def run_ingest(
         for directory in (layout.images, layout.masks, layout.headers):
             directory.mkdir()
         # imaging first: worker processes fork before great-expectations is imported
-        series, dicom_names = _read_imaging(params, raw_dir, found, layout.images, ledger, pseudo)
+        series, dicom_names = _read_imaging(params, raw_dir, found, layout.images, ledger, pseudo, selected)
         ehr = read_ehr(found.ndjson, found.bundles, found.csv, raw_dir, ledger)
+        if selected is not None and not selected.owns(None):
+            ehr.ignored_entries.clear()  # Bundle entries ingest does not read: counted by the unassigned shard
         tables = (
             TableSpec("patient", patient_table(ehr.items["patient"], config, reference_date, ledger),
                       patient_rules(config.age_range)),
-            TableSpec("observation", observation_table(ehr.items["observation"], config, ledger),
-                      observation_rules(config.lab_ranges, config.lab_units)),
-            TableSpec("condition", condition_table(ehr.items["condition"], config, ledger),
-                      condition_rules(class_names)),
+            TableSpec("observation", observation_table(ehr.items["observation"], dataset, ledger),
+                      observation_rules(dataset.feature_ranges, dataset.feature_units)),
+            TableSpec("condition", condition_table(ehr.items["condition"], dataset, ledger),
+                      condition_rules(dataset.class_names)),
             TableSpec("note", note_table(found.notes, ehr.items["note"], raw_dir, ledger),
                       note_rules(config.min_note_chars)),
             TableSpec("image_series", series[SERIES_VALIDATED_COLUMNS], series_rules()),
         )
+        if selected is not None:  # every record now knows its patient: keep the shard's
+            ledger = shard_ledger(ledger, selected)
+            tables = tuple(TableSpec(s.kind, shard_frame(s.frame, s.kind, ledger), s.rules) for s in tables)
+            series = shard_frame(series, "image_series", ledger)
+            found.masks = [path for path in found.masks if selected.owns(path.name.removesuffix(".nii.gz"))]
         validations = validate_tables(tables, ledger)
 
         frames = {spec.kind: spec.frame for spec in tables}
@@ -153,7 +160,7 @@ def run_ingest(
                            conditions=frames["condition"], notes=frames["note"], series=series,
                            identifiers=patient_identifiers(ehr.items["patient"]), mask_paths=found.masks,
                            dicom_names=dicom_names),
-            ManifestContext(ledger, pseudo, layout, raw_dir, list(config.lab_units), config.deid_max_age,
+            ManifestContext(ledger, pseudo, layout, raw_dir, dataset.feature_names, config.deid_max_age,
                             label_required),
         )
         manifest.to_parquet(interim / MANIFEST_FILE, index=False)
@@ -163,6 +170,8 @@ def run_ingest(
         ledger.log_warnings(config.max_logged_warnings)
         write_report(report, validation_report(summary, manifest, ehr.ignored_entries, key_source, validations),
                      validations)
+        if selected is not None:
+            write_shard_marker((interim, quarantine, report), selected)
 
     seconds = time.perf_counter() - started
     LOG.info("ingest: %d records, %d accepted, %d quarantined; %d patients in the manifest (%.1f s)",

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from meddiff.config import IngestConfig
+from meddiff.config import DatasetConfig, IngestConfig
 from meddiff.data import ehr_csv
 from meddiff.data.deid import PatientIdentifiers, identifiers_from_patient
 from meddiff.data.fhir import condition_row, observation_row, patient_row
@@ -83,22 +83,22 @@ def patient_identifiers(items: EhrItems) -> dict[str, PatientIdentifiers]:
     return {record.record_id: identifiers_from_patient(resource) for record, resource, fmt in items if fmt != CSV}
 
 
-def observation_table(items: EhrItems, config: IngestConfig, ledger: Ledger) -> pd.DataFrame:
-    """Lab results (``OBSERVATION_COLUMNS``) in canonical units, plus one value column per lab.
+def observation_table(items: EhrItems, dataset: DatasetConfig, ledger: Ledger) -> pd.DataFrame:
+    """Lab results (``OBSERVATION_COLUMNS``) in the units of ``dataset.features``, plus one value column per feature.
 
     The per-lab columns let a range rule see only its own lab (the other labs' rows are NaN there).
     """
-    lab_by_loinc = {code: lab for lab, codes in config.lab_loinc.items() for code in codes}
-    lab_by_itemid = {item: lab for lab, items in config.mimic_lab_itemids.items() for item in items}
+    lab_by_loinc, lab_by_itemid, units = dataset.feature_by_loinc, dataset.feature_by_itemid, dataset.feature_units
     frame = _ehr_table(items, OBSERVATION_COLUMNS,
-                       lambda resource: observation_row(resource, lab_by_loinc, config.lab_units),
-                       lambda row: ehr_csv.lab_row(row, lab_by_itemid, config.lab_units), ledger)
-    for lab in config.lab_units:
+                       lambda resource: observation_row(resource, lab_by_loinc, units),
+                       lambda row: ehr_csv.lab_row(row, lab_by_itemid, units), ledger)
+    for lab in units:
         frame[lab] = frame["value"].where(frame["lab"] == lab).astype(float)
     return frame
 
 
-def condition_table(items: EhrItems, config: IngestConfig, ledger: Ledger) -> pd.DataFrame:
-    """Diagnoses (``CONDITION_COLUMNS``): ICD-10 code and the class ``config.icd10_to_class`` maps it to."""
-    return _ehr_table(items, CONDITION_COLUMNS, lambda resource: condition_row(resource, config.icd10_to_class),
-                      lambda row: ehr_csv.condition_row(row, config.icd10_to_class), ledger)
+def condition_table(items: EhrItems, dataset: DatasetConfig, ledger: Ledger) -> pd.DataFrame:
+    """Diagnoses (``CONDITION_COLUMNS``): ICD-10 code and the class of ``dataset.classes`` it maps to."""
+    icd10_to_class = dataset.icd10_to_class
+    return _ehr_table(items, CONDITION_COLUMNS, lambda resource: condition_row(resource, icd10_to_class),
+                      lambda row: ehr_csv.condition_row(row, icd10_to_class), ledger)

@@ -1,5 +1,6 @@
 """A tiny cohort taken through the training stages once per session (cohort → ingest → preprocess → train →
-evaluate), for the prediction tests: apply mode needs a model trained on real preprocessing artefacts."""
+evaluate), for the apply-mode tests (prediction, monitoring, external validation): apply mode needs a model
+trained on real preprocessing artefacts. The fixture ``trained`` is registered by ``tests/conftest.py``."""
 
 from __future__ import annotations
 
