@@ -9,7 +9,8 @@
     else:                        ingest(raw_uri) → …the same…
 
 With ``pipeline.ingest_shards`` = n > 1, ingest is a ``dsl.ParallelFor`` of n ``ingest --shard i/n`` tasks
-and a merge task that stands in for ``ingest`` (:mod:`meddiff_pipelines.ingest_shards`).
+and a merge task that stands in for ``ingest`` (:mod:`meddiff_pipelines.ingest_shards`); likewise
+``pipeline.preprocess_shards`` for preprocess (:mod:`meddiff_pipelines.preprocess_shards`).
 
 The graph is derived from the stage table (:data:`meddiff.stage_table.STAGES`): every stage input is
 wired to the output of the earlier stage that carries the same data, so the table is the one place
@@ -63,6 +64,7 @@ from meddiff_components.trainjob import (  # one list for tasks and TrainJob nod
     PIPELINE_POD_LABELS,  # what infra/'s NetworkPolicies admit to MLflow and the object store
 )
 from meddiff_pipelines.ingest_shards import add_ingest_fan_out
+from meddiff_pipelines.preprocess_shards import add_preprocess_fan_out
 from meddiff_pipelines.trainjob import configure_launcher, launches_trainjob, task_resources
 
 from meddiff.config import Params, PipelineConfig
@@ -189,6 +191,14 @@ def add_stage_tasks(
 
             tasks[name] = add_ingest_fan_out(components[name], params.pipeline.ingest_shards, arguments, name,
                                              configure_fetching)
+            continue
+        if name == "preprocess" and params.pipeline.preprocess_shards > 1:  # ParallelFor over shards, then merge
+
+            def configure_preprocess(fan_task: dsl.PipelineTask) -> dsl.PipelineTask:
+                return _configure(fan_task, "preprocess", params.pipeline, task_resources("preprocess", params))
+
+            tasks[name] = add_preprocess_fan_out(components[name], params.pipeline.preprocess_shards, arguments,
+                                                 name, configure_preprocess)
             continue
         task = components[name](**arguments)
         task.set_display_name(name)  # the second branch's tasks would otherwise show as "ingest-2", …

@@ -9,6 +9,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,6 +67,22 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     run_evaluate(params, root / "processed", root / "models", root / "reports" / "evaluate")
     return Trained(params, root, root / "raw", root / "processed", root / "models", root / "reports" / "evaluate",
                    result.registered_version)
+
+
+def pseudonymizer(trained: Trained) -> Any:  # -> meddiff.data.deid.Pseudonymizer
+    """The cohort's pseudonymizer (its ephemeral key): raw patient id → the id in the processed data."""
+    from meddiff.data.deid import Pseudonymizer, resolve_key
+
+    ingest = trained.params.ingest
+    key, _ = resolve_key(ingest.deid_key_env, ingest.allow_ephemeral_key_for_synthetic, trained.raw)
+    return Pseudonymizer(key, ingest.deid_max_date_shift_days)
+
+
+def raw_ids_by_pseudonym(trained: Trained) -> dict[str, str]:
+    """Every raw patient id of the cohort, keyed by its pseudonym (the ``patient_id`` of the processed data)."""
+    pseudo = pseudonymizer(trained)
+    patients = (trained.raw / "ehr" / "Patient.ndjson").read_text().splitlines()
+    return {pseudo.pseudonym(pid): pid for pid in (json.loads(line)["id"] for line in patients)}
 
 
 def _patient_of(resource: dict) -> str:

@@ -564,6 +564,8 @@ class PipelineConfig(_Section):
     shared_volume_path: str = "/mnt/meddiff"
     #: ingest tasks run side by side (dsl.ParallelFor over `ingest --shard i/n`, then one merge); 1 = one task
     ingest_shards: PositiveInt = 1
+    #: preprocess tasks run side by side (dsl.ParallelFor over `preprocess --shard i/n`, then `--merge`); 1 = one
+    preprocess_shards: PositiveInt = 1
 
     @field_validator("timeouts")
     @classmethod

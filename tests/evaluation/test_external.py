@@ -15,7 +15,7 @@ from meddiff.data.dataset import load_processed
 from meddiff.evaluation.evaluate import TEST_PROBABILITIES_FILE
 from meddiff.evaluation.external import PROCESSED_SUBDIR, external_rare_classes, run_external
 from meddiff.evaluation.robustness import modality_subsets
-from tests.trained_cohort import raw_subset
+from tests.trained_cohort import pseudonymizer, raw_ids_by_pseudonym, raw_subset
 
 if TYPE_CHECKING:
     from tests.trained_cohort import Trained
@@ -32,14 +32,8 @@ def _probabilities(path: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def external(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from meddiff.data.deid import Pseudonymizer, resolve_key
-
     data = load_processed(trained.processed)
-    ingest = trained.params.ingest
-    key, _ = resolve_key(ingest.deid_key_env, ingest.allow_ephemeral_key_for_synthetic, trained.raw)
-    pseudo = Pseudonymizer(key, ingest.deid_max_date_shift_days)
-    raw_ids = [json.loads(line)["id"] for line in (trained.raw / "ehr" / "Patient.ndjson").read_text().splitlines()]
-    raw_of = {pseudo.pseudonym(pid): pid for pid in raw_ids}
+    raw_of = raw_ids_by_pseudonym(trained)
     test_ids = [raw_of[str(pid)] for pid in data.arrays["patient_id"][data.indices("test")]]
     drop = raw_subset(trained.raw, tmp_path_factory.mktemp("external") / "raw", test_ids)
     # one patient without a diagnosis: a labelled drop cannot score them
@@ -50,7 +44,7 @@ def external(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> dict
     conditions.write_text("".join(f"{line}\n" for line in kept))
     root = tmp_path_factory.mktemp("external-out")
     result = run_external(trained.params, drop, trained.models, root / "admitted", root / "report")
-    return {"data": data, "result": result, "root": root, "unlabelled": pseudo.pseudonym(unlabelled)}
+    return {"data": data, "result": result, "root": root, "unlabelled": pseudonymizer(trained).pseudonym(unlabelled)}
 
 
 def test_external_reproduces_the_evaluate_stage_on_the_same_patients(trained: Trained, external: dict) -> None:

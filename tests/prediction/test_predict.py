@@ -29,7 +29,7 @@ from meddiff.prediction.predict import (
     RISK_ASSESSMENTS_FILE,
     run_predict,
 )
-from tests.trained_cohort import raw_subset
+from tests.trained_cohort import raw_ids_by_pseudonym, raw_subset
 
 if TYPE_CHECKING:
     from tests.trained_cohort import Trained
@@ -51,14 +51,8 @@ def _read_probabilities(path: Path, id_column: str) -> dict[str, np.ndarray]:
 def scenario(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Predict (local model folder) on the test patients' raw files: one without image, one without note,
     one without labs, one malformed."""
-    from meddiff.data.deid import Pseudonymizer, resolve_key
-
     data = load_processed(trained.processed)
-    ingest = trained.params.ingest
-    key, _ = resolve_key(ingest.deid_key_env, ingest.allow_ephemeral_key_for_synthetic, trained.raw)
-    pseudo = Pseudonymizer(key, ingest.deid_max_date_shift_days)
-    raw_ids = [json.loads(line)["id"] for line in (trained.raw / "ehr" / "Patient.ndjson").read_text().splitlines()]
-    raw_of = {pseudo.pseudonym(pid): pid for pid in raw_ids}
+    raw_of = raw_ids_by_pseudonym(trained)
     test = data.indices("test")
     present = data.arrays["modality_present"]
     chosen: dict[str, int] = {}
