@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
+from meddiff.data.admit import PROCESSED_SUBDIR
 from meddiff.data.dataset import load_processed
 from meddiff.evaluation.evaluate import TEST_PROBABILITIES_FILE
-from meddiff.evaluation.external import PROCESSED_SUBDIR, external_rare_classes, run_external
+from meddiff.evaluation.external import external_rare_classes, run_external
 from meddiff.evaluation.robustness import modality_subsets
 from tests.trained_cohort import pseudonymizer, raw_ids_by_pseudonym, raw_subset
 

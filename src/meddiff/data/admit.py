@@ -18,6 +18,8 @@ from meddiff.data.dataset import PREPROCESSING_DIR, ProcessedDataset, load_proce
 from meddiff.data.ingest import IngestResult, run_ingest
 from meddiff.data.preprocess import run_preprocess_apply
 
+#: the admitted drop's processed arrays inside ``work_dir``
+PROCESSED_SUBDIR = "processed"
 #: the quarantine ledger copied into a report: each rejected record, its reason and raw location
 QUARANTINE_RECORDS_FILE = "quarantine.jsonl"
 
@@ -45,5 +47,6 @@ def admit_drop(
     if ingest.n_patients == 0:
         raise ValueError(f"{raw_dir}: no patient could be admitted ({ingest.quarantined} of {ingest.records_in} "
                          f"records quarantined: {ingest.quarantined_by_reason})")
-    run_preprocess_apply(params, work_dir / "interim", Path(model_dir) / PREPROCESSING_DIR, work_dir / "processed")
-    return ingest, load_processed(work_dir / "processed")
+    run_preprocess_apply(params, work_dir / "interim", Path(model_dir) / PREPROCESSING_DIR,
+                         work_dir / PROCESSED_SUBDIR)
+    return ingest, load_processed(work_dir / PROCESSED_SUBDIR)

@@ -33,7 +33,6 @@ import numpy as np
 
 from meddiff.config import Params
 from meddiff.data.admit import admit_drop
-from meddiff.data.dataset import load_processed
 from meddiff.evaluation import subgroups
 from meddiff.evaluation.evaluate import score_patients, write_scores
 from meddiff.io import atomic_dir, read_json
@@ -41,8 +40,6 @@ from meddiff.model.multimodal import MedDiffModel
 
 LOG = logging.getLogger(__name__)
 
-#: the admitted drop's processed arrays inside ``external_processed_dir``
-PROCESSED_SUBDIR = "processed"
 
 
 @dataclass
@@ -84,9 +81,8 @@ def run_external(
     """
     started = time.perf_counter()
     with atomic_dir(external_processed_dir) as work, atomic_dir(report_dir) as staging:
-        ingest, _ = admit_drop(params, Path(external_dir), Path(model_dir), work, staging, keep_records=False,
-                               label_required=True)
-        data = load_processed(work / PROCESSED_SUBDIR)
+        ingest, data = admit_drop(params, Path(external_dir), Path(model_dir), work, staging, keep_records=False,
+                                  label_required=True)
         index = np.arange(len(data))
         labels = data.arrays["label"]
         rare = external_rare_classes(params, labels, data.class_names)

@@ -359,7 +359,8 @@ def external_rare_estimate(
     """The rare-subset claim on the external drop admitted by ``meddiff external`` (``<dir>/processed``): the
     full model against the best baseline on the rare class at 80 % masking, every seed, the sweep's masks.
     Missing, with the reason, when the drop has not been admitted or has no rare class."""
-    from meddiff.evaluation.external import PROCESSED_SUBDIR, external_rare_classes
+    from meddiff.data.admit import PROCESSED_SUBDIR
+    from meddiff.evaluation.external import external_rare_classes
 
     processed = Path(external_processed_dir) / PROCESSED_SUBDIR
     if not (processed / "meta.json").is_file():
