@@ -18,16 +18,12 @@ from collections.abc import Callable
 from kfp import dsl
 from kfp.dsl.python_component import PythonComponent
 from meddiff_components.ingest_shards import build_shard_components
+from meddiff_pipelines.fan_out import add_fan_out, component_image
 
 #: display names: the loop, each shard task; the merge task shows as the stage it replaces
 SHARD_LOOP, SHARD_TASK = "ingest shards", "ingest shard"
 #: output artifacts of ``ingest`` that each shard writes and the merge collects (``<name>_shards``)
 SHARD_OUTPUTS = ("interim", "quarantine", "report")
-
-
-def component_image(component: PythonComponent) -> str:
-    """The image a built component runs in."""
-    return component.component_spec.implementation.container.image
 
 
 def add_ingest_fan_out(
@@ -48,13 +44,8 @@ def add_ingest_fan_out(
     Raises:
         ValueError: ``shards < 2`` (one shard is the plain ``ingest`` task).
     """
-    if shards < 2:
-        raise ValueError(f"an ingest fan-out needs at least 2 shards, got {shards}; 1 runs the plain ingest task")
     shard_component, merge_component = build_shard_components(component_image(ingest))
-    with dsl.ParallelFor(items=list(range(shards)), name=SHARD_LOOP) as index:
-        shard = shard_component(**arguments, shard_index=index, shard_count=shards)
-        shard.set_display_name(SHARD_TASK)
-        configure(shard)
-    merge = merge_component(**{f"{name}_shards": dsl.Collected(shard.outputs[name]) for name in SHARD_OUTPUTS})
-    merge.set_display_name(display_name)
-    return configure(merge)
+    return add_fan_out(
+        "ingest", shards, shard_component, merge_component, arguments,
+        lambda shard: {f"{name}_shards": dsl.Collected(shard.outputs[name]) for name in SHARD_OUTPUTS},
+        (SHARD_LOOP, SHARD_TASK), display_name, configure)

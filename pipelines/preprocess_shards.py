@@ -19,7 +19,7 @@ from collections.abc import Callable
 from kfp import dsl
 from kfp.dsl.python_component import PythonComponent
 from meddiff_components.preprocess_shards import build_preprocess_shard_components
-from meddiff_pipelines.ingest_shards import component_image
+from meddiff_pipelines.fan_out import add_fan_out, component_image
 
 #: display names of the loop and of each shard task; the merge task shows as the stage it replaces
 SHARD_LOOP, SHARD_TASK = "preprocess shards", "preprocess shard"
@@ -43,16 +43,11 @@ def add_preprocess_fan_out(
     Raises:
         ValueError: ``shards < 2`` (one shard is the plain ``preprocess`` task).
     """
-    if shards < 2:
-        raise ValueError(f"a preprocess fan-out needs at least 2 shards, got {shards}; 1 runs the plain task")
     shard_component, merge_component = build_preprocess_shard_components(component_image(preprocess))
     # The shard tasks take no data_version: kfp.local 2.17 hands a ParallelFor task the loop item for an
     # upstream task's output parameter (shard 1 got 1.0). Each shard reads it from its interim folder instead.
     shard_arguments = {key: value for key, value in arguments.items() if key != "data_version"}
-    with dsl.ParallelFor(items=list(range(shards)), name=SHARD_LOOP) as index:
-        shard = shard_component(**shard_arguments, shard_index=index, shard_count=shards)
-        shard.set_display_name(SHARD_TASK)
-        configure(shard)
-    merge = merge_component(**arguments, processed_shards=dsl.Collected(shard.outputs["processed"]))
-    merge.set_display_name(display_name)
-    return configure(merge)
+    return add_fan_out(
+        "preprocess", shards, shard_component, merge_component, shard_arguments,
+        lambda shard: {**arguments, "processed_shards": dsl.Collected(shard.outputs["processed"])},
+        (SHARD_LOOP, SHARD_TASK), display_name, configure)

@@ -122,3 +122,11 @@ def test_fan_out_runs_under_kfp_local(tmp_path: Path, monkeypatch: pytest.Monkey
     assert output["data_version"] == folder_version(run / "cohort" / "raw") == run_data_version(run)
     assert json.loads((merged / "interim" / "data_version.json").read_text())["data_version"] == output["data_version"]
     assert len([path for path in run.iterdir() if path.name.startswith("for-loop")]) == SHARDS  # iterations
+
+
+@pytest.mark.parametrize("shards", [0, 1])
+def test_a_fan_out_needs_two_shards(shards: int) -> None:
+    """One shard is the plain task: the fan-out refuses it with a message that says so."""
+    components = build_components(image="meddiff:test")
+    with pytest.raises(ValueError, match=f"ingest fan-out needs at least 2 shards, got {shards}"):
+        add_ingest_fan_out(components["ingest"], shards, {}, "ingest", lambda task: task)
