@@ -128,7 +128,8 @@ def test_split_fractions_are_validated(key: str) -> None:
 
 
 def test_second_run_hits_the_monai_cache(pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PersistentDataset keyed by file content: the second run loads every image, transforming none."""
+    """PersistentDataset keyed by file content: the second run loads every image, transforming none; a change
+    of the transforms' code misses the cache."""
     from monai.transforms import Compose, Transform
 
     import meddiff.data.preprocess as preprocess
@@ -162,6 +163,10 @@ def test_second_run_hits_the_monai_cache(pipeline: Pipeline, tmp_path: Path, mon
     np.testing.assert_array_equal(first.arrays["token_ids"], second.arrays["token_ids"])
     reference = load_processed(pipeline.processed)  # the uncached run gives the same tensors
     np.testing.assert_array_equal(first.arrays["image"], reference.arrays["image"])
+    # changed transform code (same params): every image misses the cache instead of reusing the old output
+    monkeypatch.setattr(preprocess, "_transform_code_digest", lambda: "edited transforms.py")
+    preprocess.run_preprocess(again, pipeline.interim, tmp_path / "p3", tmp_path / "r3")
+    assert calls["n"] == n_images and len(list(cache.glob("*.pt"))) == 2 * n_images
 
 
 def test_a_pretrained_tokenizer_needs_the_special_tokens_first(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@
    split into density channels (:mod:`.brain`), MR by per-scan body percentiles, after the manifest's
    ``image_modality``), cropped around the brain, (N, C, D, H, W) with C = ``len(IMAGE_CHANNELS)``;
    the lesion mask resampled and cropped the same way, cached by a MONAI
-   ``PersistentDataset`` in ``preprocess.cache_dir`` keyed by the files' content and the transform
-   parameters (a later run loads instead of recomputing); no image → zeros, absent flag;
+   ``PersistentDataset`` in ``preprocess.cache_dir`` keyed by the files' content, the transform
+   parameters and the transforms' source (a later run loads instead of recomputing); no image → zeros, absent flag;
 3. note tokenizer fitted on the training split's notes only (:mod:`.tokenizer`), or a pretrained one
    from ``preprocess.pretrained_tokenizer``;
 4. tabular features (canonical labs, age, sex): training-split median imputation and training-split
@@ -28,6 +28,7 @@ with the artefacts saved with a model (``<model>/preprocessing/``) and fits noth
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -159,12 +160,27 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: the modules whose code makes the cached image arrays: a change to them must miss the cache, not reuse an
+#: entry the old code wrote (same params, other output)
+TRANSFORM_MODULES: tuple[str, ...] = ("transforms.py", "brain.py")
+
+
+@functools.cache
+def _transform_code_digest() -> str:
+    """SHA-256 of the source of :data:`TRANSFORM_MODULES` (this package's files)."""
+    digest = hashlib.sha256()
+    for name in TRANSFORM_MODULES:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()
+
+
 def _transform_digest(params: Params, with_mask: bool, modality: str = CT) -> str:
-    """What the cached output depends on besides the input files: transform params, modality, MONAI version."""
+    """What the cached output depends on besides the input files: transform params, modality, MONAI version
+    and the transforms' source code."""
     import monai
 
     payload: dict[str, Any] = {**_image_params(params), "with_mask": with_mask, "modality": modality,
-                               "monai": monai.__version__, "transforms": 3}
+                               "monai": monai.__version__, "transform_code": _transform_code_digest()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
