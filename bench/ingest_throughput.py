@@ -10,9 +10,10 @@
    ``cohort`` and, separately, ``ingest``, for two cohort sizes (default 1,000 and 3,000 patients);
    growth per 1,000 patients is reported so that 10,000 can be extrapolated (labelled as such).
 
-    python bench/ingest_throughput.py [--patients 200] [--memory-sizes 1000 3000] [--skip-memory]
+    python bench/ingest_throughput.py [--patients 200] [--memory-sizes 1000 3000] [--skip-memory] [--output PATH]
 
-Writes ``reports/bench/ingest_throughput.json`` and prints a Markdown table.
+Writes ``reports/bench/ingest_throughput.json`` (or ``--output``) and a Markdown table beside it (``.md``),
+which it also prints.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ def _ingest_imaging(raw: Path, files: list[Path], workers: int) -> tuple[float, 
     """(slices per wall second, slices per CPU second) of ingest's imaging part with ``workers``."""
     from meddiff.data.deid import Pseudonymizer
     from meddiff.data.ingest import ingest_dicom
+    from meddiff.data.ingest.imaging import HeaderStore
     from meddiff.data.quarantine import Ledger
 
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, HeaderStore() as store:
         started, cpu = time.perf_counter(), _cpu_seconds()
-        rows, _, _ = ingest_dicom(raw, files, Path(scratch), Ledger(), workers, Pseudonymizer(b"b" * 32))
+        rows, _, _ = ingest_dicom(raw, files, Path(scratch), Ledger(), workers, Pseudonymizer(b"b" * 32),
+                                  headers_dir=Path(scratch), store=store)
         seconds, cpu_seconds = time.perf_counter() - started, _cpu_seconds() - cpu
     if not rows:
         raise RuntimeError("no series assembled: the benchmark cohort is unusable")
@@ -147,26 +150,48 @@ def memory(sizes: list[int], workers: int) -> dict:
     return out
 
 
+def markdown(results: dict) -> str:
+    """The throughput table (wall clock and per CPU second) and, when measured, the memory table."""
+    t = results["throughput"]
+    before, after = t["load_average_1min_before_after"]
+    lines = [f"Ingest imaging throughput ({t['patients']} patients, {t['dicom_files']:,} DICOM files, {t['cores']} "
+             f"cores, load average {before} before / {after} after)", "",
+             "| | slices/s (wall) | ratio per core | speed-up vs 1 worker | slices per CPU s | ratio per CPU s |",
+             "|---|---|---|---|---|---|",
+             f"| bare pydicom loop | {t['bare_pydicom_slices_per_s']} | 1 | — | "
+             f"{t['bare_pydicom_slices_per_cpu_s']} | 1 |"]
+    for k in t["ingest_slices_per_s"]:
+        lines.append(f"| ingest, {k} worker{'s' if k != '1' else ''} | {t['ingest_slices_per_s'][k]} | "
+                     f"{t['ratio_per_core'][k]} | {t['speedup_vs_1_worker'][k]}× | {t['ingest_slices_per_cpu_s'][k]} | "
+                     f"{t['ratio_per_cpu_s'][k]} |")
+    sizes = [n for n in results.get("memory", {}) if n.isdigit()]
+    if sizes:
+        lines += ["", "| patients | ingest peak RSS main / largest worker (MB) | ingest seconds |", "|---|---|---|"]
+        for n in sizes:
+            entry = results["memory"][n]["ingest"]
+            lines.append(f"| {int(n):,} | {entry['peak_rss_main_mb']} / {entry['peak_rss_largest_worker_mb']} | "
+                         f"{entry['seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=200, help="cohort size for the throughput part")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory-sizes", type=int, nargs="*", default=[1000, 3000])
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--output", type=Path, default=ROOT / "reports" / "bench" / "ingest_throughput.json")
     args = parser.parse_args()
     results = {"throughput": throughput(args.patients, args.repeats)}
     print(json.dumps(results["throughput"], indent=2), flush=True)
     if not args.skip_memory:
         results["memory"] = memory(args.memory_sizes, workers=0)
-    target = ROOT / "reports" / "bench" / "ingest_throughput.json"
+    target = args.output
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(results, indent=2) + "\n")
-    t = results["throughput"]
-    print(f"\n| workers | ingest slices/s | ratio per core vs bare pydicom ({t['bare_pydicom_slices_per_s']} "
-          "slices/s) | speed-up |\n|---|---|---|---|")
-    for k in t["ingest_slices_per_s"]:
-        print(f"| {k} | {t['ingest_slices_per_s'][k]} | {t['ratio_per_core'][k]} | {t['speedup_vs_1_worker'][k]} |")
-    print(f"\nwritten: {target}")
+    table = markdown(results)
+    target.with_suffix(".md").write_text(table)
+    print(f"\n{table}\nwritten: {target} and {target.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def test_inventory_sorts_files_by_reader(tmp_path: Path) -> None:
                          "masks/deep/P1.nii.gz", "notes/P1.pdf")
     }
     assert [r for r, ok in taken.items() if not ok] == ["ehr/Encounter.ndjson", "masks/deep/P1.nii.gz", "notes/P1.pdf"]
-    assert found.dicom == [raw / "imaging/P1/s1/1.dcm"]
+    assert found.dicom == [str(raw / "imaging/P1/s1/1.dcm")]
     assert found.nifti_cases == {"B1": [raw / "imaging/B1/B1_t1.nii.gz"]}
     assert (found.masks, found.ndjson, found.bundles) == ([raw / "masks/P1.nii.gz"], [raw / "ehr/Patient.ndjson"],
                                                           [raw / "ehr/bundle.json"])
@@ -238,3 +238,115 @@ def test_the_table_loop_quarantines_the_failing_rows_of_each_kind() -> None:
     reasons = {(r.kind, r.record_id): r.reason for r in ledger.records}
     assert reasons == {("observation", "r1"): None, ("observation", "r2"): "out_of_range",
                        ("image_series", "r1"): "implausible_hu", ("image_series", "r2"): None}
+
+
+def test_path_order_sorts_path_strings_as_paths_sort() -> None:
+    from meddiff.data.ingest.imaging import path_order
+
+    names = ["/r/a-b/x.dcm", "/r/a/x.dcm", "/r/a/z.dcm", "/r/a/b/1.dcm", "/r/a.b/2.dcm", "/r/A/1.dcm", "/r/a0/x"]
+    assert sorted(names, key=path_order) == [str(p) for p in sorted(Path(n) for n in names)]
+    assert sorted(names) != [str(p) for p in sorted(Path(n) for n in names)]  # plain string order differs
+
+
+def test_header_store_groups_sorts_and_gives_quarantined_series_their_files(tmp_path: Path) -> None:
+    from meddiff.data.dicom import SliceHeader
+    from meddiff.data.ingest.imaging import HeaderStore, PackedHeader
+    from meddiff.data.quarantine import Ledger, Record
+
+    def header(path: str, series: str, frame: int | None = None) -> PackedHeader:
+        return PackedHeader.of(SliceHeader(tmp_path / path, "P1", "st", series, f"sop-{path}-{frame}", "CT", None,
+                                           None, None, None, None, None, frame=frame))
+
+    with HeaderStore() as store:
+        store.add([header("b/2.dcm", "s1"), header("a/9.dcm", "s2", 1), header("b/1.dcm", "s1"),
+                   header("a/9.dcm", "s2", 0)])
+        store.add([header("a/1.dcm", "s1")])
+        assert store.series_uids() == ["s1", "s2"]
+        assert [h.path.relative_to(tmp_path).as_posix() for h in store.members("s1")] == ["a/1.dcm", "b/1.dcm",
+                                                                                         "b/2.dcm"]
+        assert [h.frame for h in store.members("s2")] == [0, 1]
+        assert store.files("s2") == (tmp_path / "a/9.dcm",)  # a multi-frame file once
+        ledger = Ledger()
+        kept, rejected = (ledger.add(Record("image_series", f"series/{uid}", "imaging")) for uid in ("s1", "s2"))
+        ledger.quarantine(rejected, "geometry", "gap")
+        store.attach_files(ledger)
+        assert (kept.files, rejected.files) == ((), (tmp_path / "a/9.dcm",))
+        folder = store._folder.name
+    assert not Path(folder).exists()
+
+
+def test_ehr_rows_read_as_they_come_equal_the_tables_of_the_same_items() -> None:
+    import datetime
+
+    from meddiff.config import IngestConfig
+    from meddiff.data.ingest.ehr import CSV, FHIR
+    from meddiff.data.ingest.tables import (
+        EhrRows,
+        condition_table,
+        observation_table,
+        patient_identifiers,
+        patient_table,
+        with_lab_columns,
+    )
+    from meddiff.data.quarantine import Ledger, Record
+
+    dataset, config, day = DatasetConfig(), IngestConfig(), datetime.date(2024, 6, 30)
+    items = {
+        "patient": [({"resourceType": "Patient", "id": "P1", "gender": "female", "birthDate": "1950-02-03",
+                      "name": [{"family": "Doe", "given": ["Jane"]}]}, FHIR),
+                    ({"resourceType": "Patient", "id": "P2", "birthDate": 17}, FHIR),
+                    ({"subject_id": "7", "gender": "M", "anchor_age": "61", "anchor_year": "2020"}, CSV)],
+        "observation": [({"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/P1"},
+                          "code": {"coding": [{"system": "http://loinc.org", "code": "6690-2"}]},
+                          "valueQuantity": {"value": 7.5, "unit": "10*3/uL"}}, FHIR),
+                        ({"resourceType": "Observation", "id": "o2", "subject": "Patient/P1"}, FHIR)],
+        "condition": [({"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/P1"},
+                        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I63.9"}]}},
+                       FHIR)],
+    }
+
+    def records(ledger: Ledger) -> dict[str, list[tuple[Record, dict, str]]]:
+        return {kind: [(ledger.add(Record(kind, f"{kind}{i}", "ehr")), resource, fmt)
+                       for i, (resource, fmt) in enumerate(listed)] for kind, listed in items.items()}
+
+    old_ledger, new_ledger = Ledger(), Ledger()
+    old_items, new_items = records(old_ledger), records(new_ledger)
+    old = {"patient": patient_table(old_items["patient"], config, day, old_ledger),
+           "observation": observation_table(old_items["observation"], dataset, old_ledger),
+           "condition": condition_table(old_items["condition"], dataset, old_ledger)}
+    rows = EhrRows.for_ingest(new_ledger, config, dataset, day)
+    for listed in new_items.values():
+        for item in listed:
+            rows.keep(*item)
+    new = {kind: rows.table(kind) for kind in ("patient", "observation", "condition")}
+    new["observation"] = with_lab_columns(new["observation"], dataset)
+    for kind in old:
+        pd.testing.assert_frame_equal(new[kind], old[kind])
+    assert len(new["patient"]) == 3 and new["observation"]["value"].tolist()[0] == 7.5
+    assert [(r.reason, r.patient_id) for r in new_ledger.records] == [(r.reason, r.patient_id)
+                                                                      for r in old_ledger.records]
+    assert rows.identifiers == patient_identifiers(old_items["patient"])
+    assert "Doe" in " ".join(rows.identifiers["patient0"].names)
+    broken = EhrRows(new_ledger, {"condition": (["record_id", "patient_id"], lambda r: {"patient_id": r["subject"]},
+                                                lambda r: {})})
+    unreadable = new_ledger.add(Record("condition", "c-unreadable", "ehr"))
+    broken.keep(unreadable, {"id": "c9"}, FHIR)
+    assert (unreadable.reason, broken.table("condition").empty) == ("invalid_resource", True)
+    assert "KeyError" in (unreadable.message or "")
+
+
+def test_raw_texts_reach_only_the_quarantined_records() -> None:
+    from meddiff.data.ingest.ehr import RawTexts
+    from meddiff.data.quarantine import Ledger, Record
+
+    ledger = Ledger()
+    kept, rejected, odd = (ledger.add(Record("observation", record_id, "ehr")) for record_id in ("o1", "o2", "o\ud800"))
+    with RawTexts() as raw_texts:
+        for record in (kept, rejected, odd):
+            raw_texts.add(record, f'{{"id": "{record.record_id}"}}')
+        ledger.add(Record("observation", "o4", "ehr", raw_text="on the record"))
+        ledger.quarantine(rejected, "out_of_range", "high")
+        ledger.quarantine(odd, "invalid_json", "bad")
+        ledger.quarantine(ledger.get("observation", "o4"), "invalid_json", "bad")
+        raw_texts.attach(ledger)
+    assert [r.raw_text for r in ledger.records] == [None, '{"id": "o2"}', '{"id": "o\ud800"}', "on the record"]

@@ -2,17 +2,22 @@
 
 Each resource (FHIR ``Patient``, ``Observation``, ``Condition``, ``DocumentReference``) or CSV row
 becomes a record of its kind; a line that is not JSON, a resource of the wrong type or an exact
-copy of an earlier item of the same kind is quarantined here. What is kept is parsed into rows later
-(:mod:`meddiff.data.ingest.tables`).
+copy of an earlier item of the same kind is quarantined here. What is kept goes to a callback as it is
+read (:class:`meddiff.data.ingest.tables.EhrRows` parses it into a table row), so no parsed resource is
+held for the whole drop (issue 14, flat ingest memory).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
+import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from meddiff.data import ehr_csv
@@ -24,34 +29,102 @@ EHR_RESOURCES: dict[str, str] = {"Patient": "patient", "Observation": "observati
                                  "DocumentReference": "note"}
 #: source format of an EHR item: a FHIR resource (JSON object) or a MIMIC CSV row (column -> text)
 FHIR, CSV = "fhir", "csv"
+#: what receives each kept EHR item, in reading order: ``(record, resource or row, source format)``
+ItemSink = Callable[[Record, dict[str, Any], str], None]
+#: raw texts written to the table at a time
+RAW_TEXT_BATCH = 4096
+
+
+def _encoded(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")  # a JSON escape can give a lone surrogate
+
+
+class RawTexts:
+    """The raw text of every EHR item (the line, row or entry that ``quarantine.jsonl`` quotes when the item is
+    rejected), kept in an SQLite table in a temporary folder instead of on each record: only a few hundred
+    of them are ever written, and holding all made ingest's memory grow with the drop (issue 14).
+    :meth:`attach` puts the texts on the quarantined records before the ledger is written. Use as a context
+    manager (the folder is removed on exit)."""
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="meddiff-ehr-raw-")
+        self._db = sqlite3.connect(Path(self._folder.name) / "raw.sqlite")
+        self._db.execute("CREATE TABLE raw (record BLOB PRIMARY KEY, text BLOB NOT NULL)")
+        self._pending: list[tuple[bytes, bytes]] = []
+
+    def __enter__(self) -> RawTexts:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the table and its folder."""
+        self._db.close()
+        self._folder.cleanup()
+
+    @staticmethod
+    def _key(record: Record) -> bytes:
+        return _encoded(f"{record.kind}\0{record.record_id}")  # (kind, record id) is unique in a ledger
+
+    def add(self, record: Record, text: str) -> None:
+        """Keep ``text`` as the raw text of ``record`` (a record added to the ledger, so added once)."""
+        self._pending.append((self._key(record), _encoded(text)))
+        if len(self._pending) >= RAW_TEXT_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._db.executemany("INSERT INTO raw VALUES (?, ?)", self._pending)
+        self._pending = []
+
+    def attach(self, ledger: Ledger) -> None:
+        """Give each quarantined record of ``ledger`` its raw text (records without one are left as they are)."""
+        self._flush()
+        for record in ledger.records:
+            if record.accepted or record.raw_text is not None:
+                continue
+            found = self._db.execute("SELECT text FROM raw WHERE record = ?", (self._key(record),)).fetchone()
+            if found is not None:
+                record.raw_text = found[0].decode("utf-8", "surrogatepass")
 
 
 @dataclass
 class EhrRecords:
-    """Parsed EHR items per kind: ``(record, resource or row, source format)``."""
+    """Reads EHR items and hands each kept one (not a duplicate) to ``keep``; counts the Bundle entries not read.
+    Raw texts go to ``raw_texts`` (``None``: onto each record)."""
 
-    items: dict[str, list[tuple[Record, dict[str, Any], str]]] = field(
-        default_factory=lambda: {kind: [] for kind in EHR_RESOURCES.values()})
+    keep: ItemSink
+    raw_texts: RawTexts | None = None
     ignored_entries: Counter = field(default_factory=Counter)
     _seen: dict[tuple[str, bytes], str] = field(default_factory=dict)  # (kind, SHA-256 of canonical JSON)
 
     def add(self, ledger: Ledger, record: Record, resource: dict[str, Any], fmt: str) -> None:
-        """Add a parsed item; an exact copy of an earlier one (same kind) is a ``duplicate_record``."""
+        """Keep a parsed item; an exact copy of an earlier one (same kind) is a ``duplicate_record``."""
         canonical = json.dumps(resource, sort_keys=True, separators=(",", ":"))
         key = (record.kind, hashlib.sha256(canonical.encode()).digest())
         if key in self._seen:
             ledger.quarantine(record, "duplicate_record", f"exact copy of {self._seen[key]}")
             return
         self._seen[key] = record.source
-        self.items[record.kind].append((record, resource, fmt))
+        self.keep(record, resource, fmt)
+
+    def record(self, ledger: Ledger, record: Record, raw_text: str | None) -> Record:
+        """Add ``record`` to ``ledger`` with its raw text (on it, or in :attr:`raw_texts`)."""
+        ledger.add(record)
+        if raw_text is not None and self.raw_texts is not None:
+            self.raw_texts.add(record, raw_text)
+        else:
+            record.raw_text = raw_text
+        return record
 
 
-def _fhir_record(ledger: Ledger, resource: dict[str, Any] | None, resource_type: str, record_id: str,
-                 source: str, raw_text: str | None) -> Record:
+def _fhir_record(ehr: EhrRecords, ledger: Ledger, resource: dict[str, Any] | None, resource_type: str,
+                 record_id: str, source: str, raw_text: str | None) -> Record:
     kind = EHR_RESOURCES[resource_type]
     subject = resource.get("id") if kind == "patient" and resource else None
-    return ledger.add(Record(kind, record_id, source, patient_id=subject if isinstance(subject, str) else None,
-                             raw_text=raw_text))
+    return ehr.record(ledger, Record(kind, record_id, source,
+                                     patient_id=subject if isinstance(subject, str) else None), raw_text)
 
 
 def _read_ndjson(path: Path, ledger: Ledger, raw_dir: Path, ehr: EhrRecords) -> None:
@@ -61,7 +134,7 @@ def _read_ndjson(path: Path, ledger: Ledger, raw_dir: Path, ehr: EhrRecords) -> 
     for line in read_ndjson(path):
         resource = line.resource or {}
         resource_id = resource.get("id") if isinstance(resource.get("id"), str) else None
-        record = _fhir_record(ledger, resource, resource_type, f"{resource_type}/{resource_id or '?'}@"
+        record = _fhir_record(ehr, ledger, resource, resource_type, f"{resource_type}/{resource_id or '?'}@"
                               f"{relative}:{line.line_number}", f"{relative}:{line.line_number}", line.text)
         if line.error is not None:
             ledger.quarantine(record, "invalid_json", line.error)
@@ -86,7 +159,7 @@ def _read_bundle(path: Path, ledger: Ledger, raw_dir: Path, ehr: EhrRecords) -> 
             ehr.ignored_entries[resource_type] += 1  # Encounter, Claim, ...: not read, counted in the report
             continue
         resource_id = (resource or {}).get("id")
-        record = _fhir_record(ledger, resource, resource_type if resource else "Patient",
+        record = _fhir_record(ehr, ledger, resource, resource_type if resource else "Patient",
                               f"{resource_type}/{resource_id or '?'}@{relative}#{index}", f"{relative}#entry{index}",
                               json.dumps(resource) if resource is not None else None)
         if problem is not None:
@@ -105,18 +178,21 @@ def _read_csv(path: Path, ledger: Ledger, raw_dir: Path, ehr: EhrRecords) -> Non
         return
     for row in rows:
         subject = (row.row or {}).get("subject_id")
-        record = ledger.add(Record(kind, f"{path.stem}@{relative}:{row.line_number}", f"{relative}:{row.line_number}",
-                                   patient_id=subject.strip() if kind == "patient" and subject else None,
-                                   raw_text=row.text))
+        record = ehr.record(ledger, Record(kind, f"{path.stem}@{relative}:{row.line_number}",
+                                           f"{relative}:{row.line_number}",
+                                           patient_id=subject.strip() if kind == "patient" and subject else None),
+                            row.text)
         if row.error is not None:
             ledger.quarantine(record, "invalid_json", row.error)
         else:
             ehr.add(ledger, record, row.row, CSV)  # type: ignore[arg-type]
 
 
-def read_ehr(ndjson: list[Path], bundles: list[Path], csv: list[Path], raw_dir: Path, ledger: Ledger) -> EhrRecords:
-    """Read every EHR file, NDJSON first, then Bundles, then CSV (the first copy of a duplicate is kept)."""
-    ehr = EhrRecords()
+def read_ehr(ndjson: list[Path], bundles: list[Path], csv: list[Path], raw_dir: Path, ledger: Ledger,
+             keep: ItemSink, raw_texts: RawTexts | None = None) -> EhrRecords:
+    """Read every EHR file, NDJSON first, then Bundles, then CSV (the first copy of a duplicate is kept);
+    each kept item goes to ``keep`` as it is read, each raw text to ``raw_texts`` (``None``: onto its record)."""
+    ehr = EhrRecords(keep, raw_texts)
     for paths, read in ((ndjson, _read_ndjson), (bundles, _read_bundle), (csv, _read_csv)):
         for path in paths:
             read(path, ledger, raw_dir, ehr)

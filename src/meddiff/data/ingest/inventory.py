@@ -29,9 +29,13 @@ _NIFTI_CASE_FILE = 3
 
 @dataclass
 class Inventory:
-    """The raw tree sorted by what reads it (paths only: nothing is opened here)."""
+    """The raw tree sorted by what reads it (paths only: nothing is opened here).
 
-    dicom: list[Path] = field(default_factory=list)
+    DICOM files, the one list as long as the drop's slices, are kept as path strings (a ``Path`` per file
+    took about four times the memory: issue 14, flat ingest memory).
+    """
+
+    dicom: list[str] = field(default_factory=list)
     nifti_cases: dict[str, list[Path]] = field(default_factory=dict)
     masks: list[Path] = field(default_factory=list)
     ndjson: list[Path] = field(default_factory=list)
@@ -45,7 +49,7 @@ class Inventory:
         if top == "imaging" and is_nifti(path) and depth == _NIFTI_CASE_FILE:
             self.nifti_cases.setdefault(relative.parts[1], []).append(path)
         elif top == "imaging" and not is_nifti(path):
-            self.dicom.append(path)
+            self.dicom.append(str(path))
         elif top == "masks" and name.endswith(".nii.gz") and depth == _TOP_FOLDER_FILE:
             self.masks.append(path)
         elif top == "ehr" and depth == _TOP_FOLDER_FILE and path.suffix == ".ndjson" and path.stem in EHR_RESOURCES:

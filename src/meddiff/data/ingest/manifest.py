@@ -4,7 +4,7 @@ A patient enters ``interim/manifest.parquet`` when its Patient record is accepte
 Conditions agree on one diagnosis class (:func:`decide_labels`; in apply mode, for new patients, a patient
 without one is admitted with label ``None``) and it has at least one accepted
 modality (:class:`Modalities`). Its row holds the keyed pseudonym, capped age, sex, site, the median
-of each lab (:func:`median_labs`), the de-identified note (:func:`joined_notes`) and the paths of its
+of each lab (:func:`median_labs`), the de-identified note (:class:`PatientNotes`) and the paths of its
 image, header and mask moved to their pseudonymous names (:func:`place_image`). Lesion masks must
 match their image's geometry (:func:`attach_lesion_masks`); every other accepted record of a
 patient who is not in the manifest is an ``orphan_record`` (:func:`quarantine_orphans`).
@@ -26,7 +26,6 @@ from meddiff.data.ingest.imaging import interim_image_name, save_nifti
 from meddiff.data.notes import normalise_note
 from meddiff.data.quarantine import Ledger, Record
 from meddiff.data.validation import RECORD_ID
-from meddiff.io import write_json
 
 MANIFEST_FILE = "manifest.parquet"
 HEADERS_DIR = "headers"
@@ -131,11 +130,26 @@ def median_labs(observations: pd.DataFrame) -> pd.DataFrame:
     return observations.pivot_table(index="patient_id", columns="lab", values="value", aggfunc="median")
 
 
-def joined_notes(notes: pd.DataFrame) -> dict[str, str]:
-    """Patient -> the normalised text of its accepted notes, joined in record id order."""
-    ordered = notes.sort_values(RECORD_ID)
-    return {str(pid): " ".join(normalise_note(str(t)) for t in group["text"])
-            for pid, group in ordered.groupby("patient_id")}
+@dataclass(frozen=True)
+class PatientNotes:
+    """The accepted notes of each patient, read from the note table one patient at a time (issue 14: taking
+    every text out of the table at once held the cohort's notes twice more while the manifest was built)."""
+
+    texts: pd.Series  # the note texts, in record id order
+    rows: dict[str, np.ndarray]  # patient -> positions of its notes in ``texts``
+
+    @classmethod
+    def of(cls, notes: pd.DataFrame) -> PatientNotes:
+        """The notes of ``notes`` (``RECORD_ID``, ``patient_id``, ``text``) by patient."""
+        ordered = notes.sort_values(RECORD_ID)
+        return cls(ordered["text"], {str(pid): rows for pid, rows in ordered.groupby("patient_id").indices.items()})
+
+    def __contains__(self, patient_id: object) -> bool:
+        return patient_id in self.rows
+
+    def joined(self, patient_id: str) -> str:
+        """The patient's notes as one normalised text, joined in record id order."""
+        return " ".join(normalise_note(str(self.texts.iat[row])) for row in self.rows[patient_id])
 
 
 def admission_problem(patient_id: str, labels: dict[str, str], modalities: Modalities,
@@ -163,8 +177,8 @@ def place_image(series: pd.Series, pseudonym: str, context: ManifestContext) -> 
     interim, uid = context.interim, context.pseudo.uid(series["series_uid"])
     target = interim.images / f"{pseudonym}.nii.gz"
     (interim.images / interim_image_name(context.pseudo, series["series_uid"])).replace(target)
-    if isinstance(series["header"], dict):
-        write_json(interim.headers / f"{pseudonym}.json", series["header"])
+    if isinstance(series["header_file"], str):
+        (interim.headers / series["header_file"]).replace(interim.headers / f"{pseudonym}.json")
     mask_path = None
     if isinstance(series["mask_file"], str):
         (interim.images / series["mask_file"]).replace(interim.masks / f"{pseudonym}.nii.gz")
@@ -264,14 +278,14 @@ def assemble_manifest(inputs: ManifestInputs, context: ManifestContext) -> pd.Da
     accepted_ids = {r.record_id for r in ledger.records if r.accepted}
     labels = decide_labels(_accepted(inputs.conditions, accepted_ids), ledger)
     lab_values = median_labs(_accepted(inputs.observations, accepted_ids))
-    note_text = joined_notes(_accepted(inputs.notes, accepted_ids))
+    notes = PatientNotes.of(_accepted(inputs.notes, accepted_ids))
     series_ok = _accepted(inputs.series, accepted_ids).set_index("patient_id")
 
     rows = []
     for patient_id, patient in _accepted(inputs.patients, accepted_ids).set_index("patient_id").iterrows():
         record = ledger.get("patient", patient[RECORD_ID])
         modalities = Modalities(
-            has_image=patient_id in series_ok.index, has_note=patient_id in note_text,
+            has_image=patient_id in series_ok.index, has_note=patient_id in notes,
             has_labs=patient_id in lab_values.index and bool(lab_values.loc[patient_id].notna().any()))
         problem = admission_problem(str(patient_id), labels, modalities, context.label_required)
         if problem is not None:
@@ -288,10 +302,12 @@ def assemble_manifest(inputs: ManifestInputs, context: ManifestContext) -> pd.Da
             **_lab_columns(patient_id, lab_values, context.labs, modalities.has_labs),
             **(place_image(series, pseudonym, context) if series is not None
                else {"image_path": None, "series_instance_uid": None, "mask_path": None, "image_modality": None}),
-            "note": deidentify_text(note_text[patient_id], who) if modalities.has_note else None,
+            "note": deidentify_text(notes.joined(patient_id), who) if modalities.has_note else None,
             "has_image": modalities.has_image, "has_note": modalities.has_note, "has_labs": modalities.has_labs,
         })
+    rows.sort(key=lambda row: row["patient_id"])  # the manifest's order: no sorted copy of the frame later
     manifest = pd.DataFrame(rows, columns=["raw_id", *manifest_columns(context.labs)])
+    del rows  # the notes are in the frame now (issue 14: not held twice while the masks are checked)
     if not manifest["patient_id"].is_unique:
         raise RuntimeError("two patients share a pseudonym (HMAC truncation collision); widen the pseudonym")
 
@@ -303,6 +319,7 @@ def assemble_manifest(inputs: ManifestInputs, context: ManifestContext) -> pd.Da
     contrast = manifest["raw_id"].map(lesion_contrasts(context.raw_dir)).astype(float)
     manifest[LESION_CONTRAST] = contrast.where(manifest["mask_path"].notna())
     quarantine_orphans(ledger, in_manifest)
-    for leftover in context.interim.images.glob("2.25.*"):  # still under its pseudonymous UID: not kept
-        leftover.unlink()
-    return manifest.drop(columns=["raw_id"]).sort_values("patient_id").reset_index(drop=True)
+    for folder in (context.interim.images, context.interim.headers):
+        for leftover in folder.glob("2.25.*"):  # still under its pseudonymous UID: not kept
+            leftover.unlink()
+    return manifest.drop(columns=["raw_id"]).reset_index(drop=True)

@@ -25,21 +25,27 @@ def _note_row(record: Record, patient_id: str | None, data: bytes) -> dict[str, 
     return {RECORD_ID: record.record_id, "patient_id": patient_id, "utf8_valid": valid, "text": text}
 
 
-def note_table(
-    note_files: list[Path], documents: list[tuple[Record, dict[str, Any], str]], raw_dir: Path, ledger: Ledger,
-) -> pd.DataFrame:
-    """One row per note (``NOTE_COLUMNS``): text files first, then DocumentReferences in reading order."""
+def read_document(record: Record, resource: dict[str, Any], ledger: Ledger) -> tuple[Record, bytes] | None:
+    """A DocumentReference's record (which learns its patient) and note bytes; ``None`` when it has no inline
+    text/plain attachment (then the record is quarantined with the reason)."""
+    patient_id, data, problem = document_note(resource)
+    record.patient_id = patient_id
+    if problem is not None:
+        reason, _, message = problem.partition(": ")
+        ledger.quarantine(record, reason, message)
+        return None
+    return record, data or b""
+
+
+def note_table(note_files: list[Path], documents: list[tuple[Record, bytes]], raw_dir: Path,
+               ledger: Ledger) -> pd.DataFrame:
+    """One row per note (``NOTE_COLUMNS``): text files first, then the DocumentReferences'
+    (:func:`read_document`) in reading order."""
     rows = []
     for path in note_files:
         record = ledger.add(Record("note", f"note/{path.stem}", str(path.relative_to(raw_dir)),
                                    patient_id=path.stem, files=(path,)))
         rows.append(_note_row(record, path.stem, path.read_bytes()))
-    for record, resource, _ in documents:
-        patient_id, data, problem = document_note(resource)
-        record.patient_id = patient_id
-        if problem is not None:
-            reason, _, message = problem.partition(": ")
-            ledger.quarantine(record, reason, message)
-            continue
-        rows.append(_note_row(record, patient_id, data or b""))
+    for record, data in documents:
+        rows.append(_note_row(record, record.patient_id, data))
     return pd.DataFrame(rows, columns=NOTE_COLUMNS)

@@ -13,10 +13,11 @@ import pandas as pd
 
 from meddiff.config import Params
 from meddiff.data.deid import Pseudonymizer, resolve_key
-from meddiff.data.ingest.ehr import read_ehr
+from meddiff.data.ingest.ehr import RawTexts, read_ehr
 from meddiff.data.ingest.imaging import (
     SERIES_COLUMNS,
     SERIES_VALIDATED_COLUMNS,
+    HeaderStore,
     ingest_dicom,
     ingest_nifti,
     keep_preferred_modality,
@@ -32,14 +33,7 @@ from meddiff.data.ingest.manifest import (
 from meddiff.data.ingest.notes import note_table
 from meddiff.data.ingest.report import validation_report, write_report
 from meddiff.data.ingest.shard import Shard, shard_frame, shard_ledger, write_shard_marker
-from meddiff.data.ingest.tables import (
-    TableSpec,
-    condition_table,
-    observation_table,
-    patient_identifiers,
-    patient_table,
-    validate_tables,
-)
+from meddiff.data.ingest.tables import EhrRows, TableSpec, validate_tables, with_lab_columns
 from meddiff.data.quarantine import Ledger
 from meddiff.data.validation import condition_rules, note_rules, observation_rules, patient_rules, series_rules
 from meddiff.io import atomic_dir
@@ -68,19 +62,21 @@ def _worker_count(configured: int) -> int:
     return configured if configured > 0 else max(1, min(os.cpu_count() or 1, MAX_AUTO_WORKERS))
 
 
-def _read_imaging(params: Params, raw_dir: Path, found: Inventory, images_dir: Path, ledger: Ledger,
-                  pseudo: Pseudonymizer, shard: Shard | None) -> tuple[pd.DataFrame, dict[str, tuple[str, ...]]]:
+def _read_imaging(params: Params, raw_dir: Path, found: Inventory, layout: InterimLayout, ledger: Ledger,
+                  pseudo: Pseudonymizer, shard: Shard | None,
+                  store: HeaderStore) -> tuple[pd.DataFrame, dict[str, tuple[str, ...]]]:
     """DICOM series and BraTS cases (of ``shard``'s patients only, when given) -> the image series table
-    (``SERIES_COLUMNS``; NIfTI written to images_dir) and the person names of every readable DICOM header
-    by PatientID."""
+    (``SERIES_COLUMNS``; NIfTI written to ``layout.images``, DICOM headers to ``layout.headers``) and the
+    person names of every readable DICOM header by PatientID; the slice headers stay in ``store``."""
     started = time.perf_counter()
     config = params.ingest
-    dicom_rows, dicom_records, dicom_names = ingest_dicom(raw_dir, found.dicom, images_dir, ledger,
+    dicom_rows, dicom_records, dicom_names = ingest_dicom(raw_dir, found.dicom, layout.images, ledger,
                                                           _worker_count(config.num_workers), pseudo,
                                                           tuple(config.accepted_modalities),
-                                                          keep_patient=shard.owns if shard is not None else None)
+                                                          keep_patient=shard.owns if shard is not None else None,
+                                                          headers_dir=layout.headers, store=store)
     cases = {case: files for case, files in found.nifti_cases.items() if shard is None or shard.owns(case)}
-    nifti_rows, nifti_records = ingest_nifti(raw_dir, cases, images_dir, ledger, config.brats_channel, pseudo)
+    nifti_rows, nifti_records = ingest_nifti(raw_dir, cases, layout.images, ledger, config.brats_channel, pseudo)
     LOG.info("ingest: %d DICOM files -> %d series, %d NIfTI cases (%.1f s)", len(found.dicom),
              len(dicom_records), len(nifti_records), time.perf_counter() - started)
     series = pd.DataFrame(dicom_rows + nifti_rows, columns=SERIES_COLUMNS)
@@ -127,26 +123,31 @@ def run_ingest(
         atomic_dir(interim_dir) as interim,
         atomic_dir(quarantine_dir) as quarantine,
         atomic_dir(report_dir) as report,
+        HeaderStore() as slice_headers,
+        RawTexts() as raw_texts,
     ):
         layout = InterimLayout(interim)
         for directory in (layout.images, layout.masks, layout.headers):
             directory.mkdir()
         # imaging first: worker processes fork before great-expectations is imported
-        series, dicom_names = _read_imaging(params, raw_dir, found, layout.images, ledger, pseudo, selected)
-        ehr = read_ehr(found.ndjson, found.bundles, found.csv, raw_dir, ledger)
+        series, dicom_names = _read_imaging(params, raw_dir, found, layout, ledger, pseudo, selected, slice_headers)
+        found.dicom = []  # one path per slice, read: not held through the rest of the stage
+        ehr_rows = EhrRows.for_ingest(ledger, config, dataset, reference_date)
+        # only the count of Bundle entries not read is kept of the reader (not its duplicate hashes)
+        ignored_entries = read_ehr(found.ndjson, found.bundles, found.csv, raw_dir, ledger,
+                                   ehr_rows.keep, raw_texts).ignored_entries
         if selected is not None and not selected.owns(None):
-            ehr.ignored_entries.clear()  # Bundle entries ingest does not read: counted by the unassigned shard
+            ignored_entries.clear()  # Bundle entries ingest does not read: counted by the unassigned shard
         tables = (
-            TableSpec("patient", patient_table(ehr.items["patient"], config, reference_date, ledger),
-                      patient_rules(config.age_range)),
-            TableSpec("observation", observation_table(ehr.items["observation"], dataset, ledger),
+            TableSpec("patient", ehr_rows.table("patient"), patient_rules(config.age_range)),
+            TableSpec("observation", with_lab_columns(ehr_rows.table("observation"), dataset),
                       observation_rules(dataset.feature_ranges, dataset.feature_units)),
-            TableSpec("condition", condition_table(ehr.items["condition"], dataset, ledger),
-                      condition_rules(dataset.class_names)),
-            TableSpec("note", note_table(found.notes, ehr.items["note"], raw_dir, ledger),
+            TableSpec("condition", ehr_rows.table("condition"), condition_rules(dataset.class_names)),
+            TableSpec("note", note_table(found.notes, ehr_rows.documents, raw_dir, ledger),
                       note_rules(config.min_note_chars)),
             TableSpec("image_series", series[SERIES_VALIDATED_COLUMNS], series_rules()),
         )
+        ehr_rows.documents.clear()  # the notes are in their table now
         if selected is not None:  # every record now knows its patient: keep the shard's
             ledger = shard_ledger(ledger, selected)
             tables = tuple(TableSpec(s.kind, shard_frame(s.frame, s.kind, ledger), s.rules) for s in tables)
@@ -158,7 +159,7 @@ def run_ingest(
         manifest = assemble_manifest(
             ManifestInputs(patients=frames["patient"], observations=frames["observation"],
                            conditions=frames["condition"], notes=frames["note"], series=series,
-                           identifiers=patient_identifiers(ehr.items["patient"]), mask_paths=found.masks,
+                           identifiers=ehr_rows.identifiers, mask_paths=found.masks,
                            dicom_names=dicom_names),
             ManifestContext(ledger, pseudo, layout, raw_dir, dataset.feature_names, config.deid_max_age,
                             label_required),
@@ -166,9 +167,11 @@ def run_ingest(
         manifest.to_parquet(interim / MANIFEST_FILE, index=False)
 
         summary = ledger.summary()
+        slice_headers.attach_files(ledger)
+        raw_texts.attach(ledger)
         ledger.write(quarantine, raw_dir)
         ledger.log_warnings(config.max_logged_warnings)
-        write_report(report, validation_report(summary, manifest, ehr.ignored_entries, key_source, validations),
+        write_report(report, validation_report(summary, manifest, ignored_entries, key_source, validations),
                      validations)
         if selected is not None:
             write_shard_marker((interim, quarantine, report), selected)
