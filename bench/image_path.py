@@ -10,6 +10,8 @@ once per seed as well. Selection is on validation only; test is reported, never 
     python bench/image_path.py run --processed data/processed --variants image_only full --seeds 42 43 44 \\
         --output reports/bench/image_path
     python bench/image_path.py table --output reports/bench/image_path     # image_path.md + .json
+    python bench/image_path.py run --variants image_only --set train.lambda_seg=1 \
+        train.model.image_pooling=lesion --output /tmp/seg_lesion     # a recipe variant (params overrides)
 
 Each run is written to ``<output>/runs/<variant>-<seed>.json`` as soon as it finishes (rerunning skips
 finished runs), so several processes can share the work on a loaded machine.
@@ -39,7 +41,8 @@ def _metrics(data, index: np.ndarray, probs: np.ndarray, n_bootstrap: int, seed:
     return {"auc": report["auc_macro"], "auc_per_class": report["auc_per_class"], "n": report["n"]}
 
 
-def run_one(params_path: Path, processed: Path, variant: str, seed: int, output: Path, threads: int) -> dict:
+def run_one(params_path: Path, processed: Path, variant: str, seed: int, output: Path, threads: int,
+            overrides: list[str] | None = None) -> dict:
     import torch
 
     from meddiff.config import apply_overrides, load_params
@@ -48,9 +51,10 @@ def run_one(params_path: Path, processed: Path, variant: str, seed: int, output:
 
     torch.set_num_threads(threads)
     data = load_processed(processed)
-    params = apply_overrides(load_params(params_path), [f"seed={seed}", f"train.num_threads={threads}"])
+    params = apply_overrides(load_params(params_path),
+                             [*(overrides or []), f"seed={seed}", f"train.num_threads={threads}"])
     started_cpu, started = time.process_time(), time.perf_counter()
-    record: dict = {"variant": variant, "seed": seed}
+    record: dict = {"variant": variant, "seed": seed, "overrides": list(overrides or [])}
     if variant == "feature_lr":
         from meddiff.evaluation.feature_baseline import fit_feature_baseline
 
@@ -139,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=ROOT / "reports" / "bench" / "image_path")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="params overrides for every variant of this run (e.g. train.lambda_seg=1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.command == "run":
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant in args.variants:
                 if (args.output / "runs" / f"{variant}-{seed}.json").is_file():
                     continue
-                record = run_one(args.params, args.processed, variant, seed, args.output, args.threads)
+                record = run_one(args.params, args.processed, variant, seed, args.output, args.threads, args.set)
                 print(json.dumps({k: record[k] for k in ("variant", "seed", "cpu_s")} | {
                     "val_auc": record["val"]["auc"]["value"], "test_auc": record["test"]["auc"]["value"]}),
                     flush=True)

@@ -370,6 +370,9 @@ class ModelConfig(_Section):
     image_channels: list[PositiveInt] = [8, 16, 32]
     #: dropout on the image latent (the max-pooled brain features): the CNN overfits ~250 training scans
     image_latent_dropout: Fraction = 0.3
+    #: image latent pooling (model/encoders.py): max over brain cells, or `lesion` (also the cells weighted by
+    #: the predicted lesion and its statistics; needs train.lambda_seg > 0)
+    image_pooling: Literal["max", "lesion"] = "max"
     text_layers: PositiveInt = 2
     text_heads: PositiveInt = 2
     tabular_hidden: PositiveInt = 64
@@ -388,6 +391,19 @@ class ModelConfig(_Section):
         return self
 
 
+class DiffusionDPConfig(_Section):
+    """DP-SGD of the latent-diffusion refinement (opacus; ``meddiff.training.latent_diffusion``): per-patient
+    gradients clipped to ``max_grad_norm``, Gaussian noise of ``noise_multiplier`` × that norm, Poisson-sampled
+    batches; ``target_epsilon``, when set, replaces ``noise_multiplier`` by the noise that reaches it. ``delta``
+    null = 1 / (training patients)."""
+
+    enabled: bool = False
+    noise_multiplier: PositiveFloat = 1.0
+    target_epsilon: PositiveFloat | None = None
+    max_grad_norm: PositiveFloat = 1.0
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+
+
 class DiffusionConfig(_Section):
     num_train_timesteps: PositiveInt = 200
     schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta"] = "linear_beta"
@@ -400,6 +416,9 @@ class DiffusionConfig(_Section):
     refine_epochs: Annotated[int, Field(ge=0)] = 400
     refine_learning_rate: PositiveFloat = 1e-3
     refine_batch_size: PositiveInt = 32
+    #: AdamW weight decay of the refinement (0.01 = torch's default)
+    refine_weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    dp: DiffusionDPConfig = DiffusionDPConfig()
 
 
 class TrainConfig(_Section):
@@ -414,6 +433,8 @@ class TrainConfig(_Section):
     lambda_diff: Annotated[float, Field(ge=0.0)] = 1.0
     lambda_cls: Annotated[float, Field(ge=0.0)] = 1.0
     lambda_recon: Annotated[float, Field(ge=0.0)] = 0.5
+    #: weight of the auxiliary lesion segmentation loss (BCE + soft Dice on training masks); 0: no seg head
+    lambda_seg: Annotated[float, Field(ge=0.0)] = 0.0
     class_weighting: bool = True
     #: L_cls class weights ∝ (1 / class frequency) ** power (1 = inverse frequency, 0.5 = its square root)
     class_weight_power: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
@@ -436,6 +457,13 @@ class TrainConfig(_Section):
     gpus_per_node: PositiveInt = 1
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
+
+    @model_validator(mode="after")
+    def _lesion_pooling_has_segmentation(self) -> TrainConfig:
+        if self.model.image_pooling == "lesion" and self.lambda_seg == 0.0:
+            raise ValueError("train.model.image_pooling 'lesion' is driven by the lesion segmentation head: "
+                             "set train.lambda_seg > 0")
+        return self
 
 
 class EvaluateConfig(_Section):
@@ -479,6 +507,8 @@ class GenerateConfig(_Section):
     precision_recall_k: PositiveInt = 3
     #: a 2-D TorchScript feature network (e.g. RadImageNet) for a second 2.5-D FID; never downloaded; null = none
     fid_checkpoint: str | None = None
+    #: classes the rare-class augmentation measure adds synthetic patients of; null = training prevalence ≤ 5 %
+    rare_classes: list[str] | None = None
 
 
 ExplainMethod = Literal["attention", "grad_attention", "integrated_gradients", "grad_cam", "occlusion"]

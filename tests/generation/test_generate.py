@@ -19,7 +19,7 @@ from meddiff.data.ingest import run_ingest
 from meddiff.generation.export import SYNTHETIC_TAG
 from meddiff.generation.generate import decode, run_generate
 from meddiff.generation.privacy import privacy_report
-from meddiff.generation.utility import tstr_report
+from meddiff.generation.utility import augmentation_report, tstr_report
 from meddiff.model.inference import encode_latents
 from meddiff.model.multimodal import MedDiffModel
 
@@ -56,6 +56,7 @@ def generated(trained_tiny, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "dataset.classes={" + ",".join(f"{k}: {{icd10: [{v}]}}" for k, v in ICD10.items()) + "}",
         "cohort.class_prevalence=[0.4,0.25,0.25,0.1]",
         "ingest.num_workers=1",
+        "generate.rare_classes=[rare_c]",
     ])
     result = run_generate(params, processed, trained_tiny["models"], root / "synthetic", root / "report")
     assert trained_tiny["data"].class_names == CLASS_NAMES
@@ -127,13 +128,26 @@ def test_generate_samples_and_measures(generated) -> None:
     held_out = np.concatenate([real["val"], real["test"]])
     expected = privacy_report("fused latent z", saved["synthetic"], real["train"], held_out,
                               [f"synthetic-{i:05d}" for i in range(len(labels))],
-                              list(data.arrays["patient_id"][data.indices("train")]), config.n_closest_pairs)
-    assert metrics["privacy"]["fused latent z"] == pytest.approx(expected.summary())
+                              list(data.arrays["patient_id"][data.indices("train")]), config.n_closest_pairs,
+                              config.n_bootstrap, params.seed)
+    summary = expected.summary()
+    interval = summary.pop("membership_inference_auc_interval")
+    assert metrics["privacy"]["fused latent z"].pop("membership_inference_auc_interval") == pytest.approx(interval)
+    assert interval["ci_low"] <= expected.membership_inference_auc <= interval["ci_high"]
+    assert metrics["privacy"]["fused latent z"] == pytest.approx(summary)
     assert result.membership_inference_auc_latent == expected.membership_inference_auc
     train_y = data.arrays["label"][data.indices("train")]
     tstr = tstr_report(saved["synthetic"], labels, real["train"], train_y, real["test"], test_y, data.n_classes,
                        config.n_bootstrap, params.seed)
     assert metrics["tstr"] == json.loads(json.dumps(tstr))  # JSON keeps floats exactly
+    # rare-class augmentation: the real training latents ± the exported rare_c patients, scored on real test
+    rare = CLASS_NAMES.index("rare_c")
+    augmentation = augmentation_report(real["train"], train_y, saved["synthetic"][labels == rare], rare, real["test"],
+                                       test_y, data.n_classes, config.n_bootstrap, params.seed)
+    assert metrics["rare_augmentation"] == {"rare_c": {"evaluated_on": "test split",
+                                                       **json.loads(json.dumps(augmentation))}}
+    assert metrics["rare_augmentation"]["rare_c"]["n_synthetic_added"] == config.n_per_class
+    assert metrics["differential_privacy"] == {"enabled": False}
     train_images = data.arrays["modality_present"][data.indices("train"), 0]
     assert metrics["privacy"]["image"]["n_train"] == int(train_images.sum())
     pairs = json.loads((root / "report" / "privacy_pairs.json").read_text())
@@ -147,6 +161,8 @@ def test_data_card_is_written_to_the_report_and_the_drop(generated) -> None:
     assert (root / "synthetic" / "README.md").read_text() == card
     assert "Synthetic — not for clinical use" in card
     assert "| rare_c | 3 |" in card and "membership-inference AUC" in card and "TSTR" in card
+    assert "## Rare-class augmentation" in card and "| rare_c | test split (" in card
+    assert "Differential privacy: none" in card
 
 
 def test_exported_resources_validate_and_observations_are_decoded_labs(generated, fhir_model) -> None:
@@ -199,3 +215,12 @@ def test_ingest_accepts_every_synthetic_patient_with_its_sampled_class(generated
     assert manifest[["has_image", "has_note", "has_labs"]].all().all()
     assert set(manifest["site"]) == {"meddiff-synthetic"}
     assert set(manifest["sex"]) <= {"male", "female"} and manifest["age"].notna().all()
+
+
+def test_data_card_states_the_dp_guarantee_and_what_it_covers() -> None:
+    from meddiff.generation.data_card import _dp_lines
+
+    line = _dp_lines({"enabled": True, "epsilon": 9.87, "delta": 1 / 259, "noise_multiplier": 2.5,
+                      "max_grad_norm": 1.0, "sample_rate": 32 / 259, "steps": 3200, "accountant": "RDP (opacus)",
+                      "covers": "the U-Net's refinement, not the encoders"})[0]
+    assert "ε = 9.87 at δ = 0.0039" in line and "3200 steps" in line and "not the encoders" in line

@@ -62,7 +62,21 @@ def test_membership_auc_counts_the_copied_share() -> None:
     rng = np.random.default_rng(4)
     train, held_out = population(rng, 1000), population(rng, 1000)
     synthetic = np.concatenate([train[:500], population(rng, 2000)])
-    assert membership_inference_auc(train, held_out, synthetic) == pytest.approx(0.75, abs=0.03)
+    assert membership_inference_auc(train, held_out, synthetic)["value"] == pytest.approx(0.75, abs=0.03)
+    attack = membership_inference_auc(train, held_out, synthetic, n_bootstrap=200, seed=0)
+    assert attack["ci_low"] < 0.75 < attack["ci_high"] and attack["ci_high"] - attack["ci_low"] < 0.1
+    assert attack["n_valid"] == 200
+
+
+def test_the_attack_interval_is_reported_only_when_asked_for() -> None:
+    rng = np.random.default_rng(6)
+    train, held_out, synthetic = population(rng, 50), population(rng, 50), population(rng, 20)
+    ids = ([f"s{i}" for i in range(20)], [f"t{i}" for i in range(50)])
+    assert privacy_report("z", synthetic, train, held_out, *ids, n_pairs=1).membership_inference_auc_interval is None
+    with_interval = privacy_report("z", synthetic, train, held_out, *ids, n_pairs=1, n_bootstrap=100, seed=1)
+    interval = with_interval.membership_inference_auc_interval
+    assert interval["ci_low"] <= with_interval.membership_inference_auc <= interval["ci_high"]
+    assert interval["n_valid"] == 100
 
 
 def test_closest_pairs_name_the_training_patient_and_the_held_out_percentile() -> None:

@@ -4,7 +4,7 @@ data whose classes carry no signal is useless."""
 import numpy as np
 import pytest
 
-from meddiff.generation.utility import fit_predict, tstr_report
+from meddiff.generation.utility import augmentation_report, fit_predict, tstr_report
 from meddiff.metrics import auc_macro
 
 N_CLASSES = 3
@@ -48,3 +48,45 @@ def test_a_class_missing_from_training_gets_probability_zero() -> None:
     assert probs.shape == (90, N_CLASSES)
     np.testing.assert_array_equal(probs[:, 2], 0.0)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+
+
+def clusters(rng: np.random.Generator, counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Class c at (4c, 4c) with unit noise: separable classes, ``counts[c]`` patients each."""
+    y = np.repeat(np.arange(len(counts)), counts)
+    return rng.normal(size=(len(y), 2)) * 0.5 + 4.0 * y[:, None], y
+
+
+def test_augmentation_teaches_a_class_the_real_training_set_lacks() -> None:
+    # no real rare patient: real-only gives the rare class probability 0 (AUC 0.5 by ties, sensitivity 0);
+    # synthetic rare patients from the rare cluster make it perfectly separable (AUC 1, sensitivity 1)
+    rng = np.random.default_rng(3)
+    train_x, train_y = clusters(rng, [40, 40, 0])
+    eval_x, eval_y = clusters(rng, [30, 30, 10])
+    synthetic_x, _ = clusters(rng, [0, 0, 12])
+    report = augmentation_report(train_x, train_y, synthetic_x, 2, eval_x, eval_y, N_CLASSES, 100, 0)
+    assert report["n_synthetic_added"] == 12 and report["n_eval_rare"] == 10 and report["n_real_train_rare"] == 0
+    assert report["rare_auc"]["real_only"]["value"] == 0.5
+    assert report["rare_auc"]["augmented"]["value"] == 1.0
+    assert report["rare_auc"]["difference"] == pytest.approx(
+        {"value": 0.5, "ci_low": 0.5, "ci_high": 0.5, "n_valid": 100})
+    assert report["rare_sensitivity"]["real_only"]["value"] == 0.0
+    assert report["rare_sensitivity"]["difference"]["value"] == 1.0
+    assert report["auc_macro"]["difference"]["value"] > 0
+
+
+def test_adding_no_synthetic_patient_changes_nothing() -> None:
+    rng = np.random.default_rng(4)
+    train_x, train_y = clusters(rng, [40, 40, 3])
+    eval_x, eval_y = clusters(rng, [30, 30, 5])
+    report = augmentation_report(train_x, train_y, np.empty((0, 2)), 2, eval_x, eval_y, N_CLASSES, 50, 0)
+    for name in ("rare_auc", "rare_sensitivity", "auc_macro"):
+        assert report[name]["real_only"] == report[name]["augmented"]
+        assert report[name]["difference"]["value"] == 0.0 == report[name]["difference"]["ci_high"]
+
+
+def test_augmentation_needs_a_rare_patient_to_evaluate_on() -> None:
+    rng = np.random.default_rng(5)
+    train_x, train_y = clusters(rng, [10, 10, 2])
+    eval_x, eval_y = clusters(rng, [5, 5, 0])
+    with pytest.raises(ValueError, match="no patient of class 2"):
+        augmentation_report(train_x, train_y, train_x[train_y == 2], 2, eval_x, eval_y, N_CLASSES, 10, 0)

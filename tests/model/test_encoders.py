@@ -1,8 +1,10 @@
+import math
+
 import pytest
 import torch
 
 from meddiff.model.decoders import ImageDecoder
-from meddiff.model.encoders import ImageEncoder
+from meddiff.model.encoders import ImageEncoder, lesion_attention_pool, lesion_statistics
 
 BRAIN = 4  # the brain-mask channel of a 5-channel input (data.brain.IMAGE_CHANNELS)
 
@@ -94,3 +96,69 @@ def test_image_decoder_restores_every_channel_at_any_size() -> None:
     volume = decoder(torch.randn(3, 8))
     assert volume.shape == (3, 5, 36, 44, 24)
     assert float(volume.detach().min()) >= 0.0 and float(volume.detach().max()) <= 1.0
+
+
+def _lesion_encoder(spatial: tuple[int, int, int]) -> ImageEncoder:
+    return ImageEncoder(spatial, [4, 8, 8], d_model=8, dropout=0.0, in_channels=5, brain_channel=BRAIN,
+                        segmentation=True, pooling="lesion").eval()
+
+
+def test_the_segmentation_head_gives_one_logit_per_voxel() -> None:
+    spatial = (16, 8, 12)
+    torch.manual_seed(0)
+    encoded = _lesion_encoder(spatial)(_image(2, spatial))
+    assert encoded.lesion_logits is not None and encoded.lesion_logits.shape == (2, 1, *spatial)
+    assert encoded.latent.shape == (2, 8) and encoded.tokens.shape == (2, 8 * 4 * 6, 8)
+    plain = ImageEncoder(spatial, [4, 8], d_model=8, dropout=0.0, in_channels=5, brain_channel=BRAIN)
+    assert plain.segmentation_head is None and plain(_image(1, spatial)).lesion_logits is None
+
+
+def test_lesion_pooling_needs_the_segmentation_head() -> None:
+    with pytest.raises(ValueError, match="segmentation"):
+        ImageEncoder((8, 8, 8), [4, 8], d_model=8, dropout=0.0, pooling="lesion")
+    with pytest.raises(ValueError, match="pooling"):
+        ImageEncoder((8, 8, 8), [4, 8], d_model=8, dropout=0.0, segmentation=True, pooling="mean")
+
+
+def test_a_lesion_decides_the_attention_pool_however_large_the_brain() -> None:
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 6, 8, 8, 4, generator=generator)
+    cells = torch.ones(1, 1, 8, 8, 4, dtype=torch.bool)
+    logits = torch.zeros(1, 1, 8, 8, 4)
+    logits[0, 0, 3, 5, 1] = 30.0  # the lesion: one cell of 256
+    pooled = lesion_attention_pool(features, logits, cells)
+    torch.testing.assert_close(pooled[0], features[0, :, 3, 5, 1], rtol=0, atol=1e-6)
+    # the rest of the brain changes: the pooled vector does not
+    other = torch.randn(1, 6, 8, 8, 4, generator=generator)
+    other[0, :, 3, 5, 1] = features[0, :, 3, 5, 1]
+    torch.testing.assert_close(lesion_attention_pool(other, logits, cells), pooled, rtol=0, atol=1e-6)
+    # a cell outside the brain never counts, whatever its logit; without a lesion it is the brain's mean
+    outside = cells.clone()
+    outside[0, 0, 3, 5, 1] = False
+    torch.testing.assert_close(lesion_attention_pool(features, logits, outside)[0],
+                               features[0].flatten(1)[:, outside.flatten()].mean(dim=1), rtol=0, atol=1e-5)
+    assert torch.equal(lesion_attention_pool(features, logits, torch.zeros_like(cells)), torch.zeros(1, 6))
+
+
+def test_lesion_statistics_describe_the_predicted_lesion() -> None:
+    image = torch.full((2, 3, 6, 6, 6), 0.4)
+    image[:, 0, 2:4, 2, 2] = 0.9  # a bright 2-voxel lesion in channel 0
+    probability = torch.zeros(2, 1, 6, 6, 6)
+    probability[0, 0, 2:4, 2, 2] = 1.0  # scan 0: the lesion is found; scan 1: nothing found
+    stats = lesion_statistics(image, probability)
+    assert stats.shape == (2, 2 + 3)
+    torch.testing.assert_close(stats[0, :2], torch.tensor([math.log(3.0), 1.0]))
+    torch.testing.assert_close(stats[0, 2:], torch.tensor([0.9, 0.4, 0.4]), rtol=0, atol=1e-3)
+    assert stats[1].abs().max() == 0.0, "no predicted lesion: zero volume, peak and density"
+
+
+def test_with_lesion_pooling_a_voxel_outside_the_brain_still_changes_nothing() -> None:
+    spatial = (16, 16, 8)
+    torch.manual_seed(0)
+    encoder = _lesion_encoder(spatial)
+    image = _image(1, spatial)
+    changed = image.clone()
+    changed[0, :BRAIN, 0, 0, 0] = 1.0
+    with torch.no_grad():
+        before, after = encoder(image), encoder(changed)
+    assert torch.equal(before.latent, after.latent) and torch.equal(before.tokens, after.tokens)

@@ -9,12 +9,14 @@ from meddiff.data.batches import model_inputs, to_batch
 from meddiff.model.multimodal import SPEC_FILE, WEIGHTS_FILE, MedDiffModel, ModelSpec
 
 
-def _model(data) -> MedDiffModel:
+def _model(data, image_pooling: str = "max") -> MedDiffModel:
     spec = ModelSpec(
         n_classes=data.n_classes, n_tabular=data.n_tabular, vocab_size=data.vocab_size, max_note_tokens=12,
         spatial_size=(16, 16, 16),
-        model=ModelConfig(d_model=16, n_heads=2, image_channels=[4, 8], text_layers=1, tabular_hidden=16),
+        model=ModelConfig(d_model=16, n_heads=2, image_channels=[4, 8], text_layers=1, tabular_hidden=16,
+                          image_pooling=image_pooling),
         diffusion=DiffusionConfig(num_train_timesteps=20, unet_channels=[8, 16]),
+        image_segmentation=image_pooling == "lesion",
     )
     return MedDiffModel(spec).eval()
 
@@ -34,9 +36,10 @@ def test_shapes(tiny_processed) -> None:
     assert len(out.text_attentions) == 1
 
 
-def test_masked_image_has_no_influence(tiny_processed) -> None:
+@pytest.mark.parametrize("image_pooling", ["max", "lesion"])
+def test_masked_image_has_no_influence(tiny_processed, image_pooling: str) -> None:
     _, data = tiny_processed
-    model = _model(data)
+    model = _model(data, image_pooling)
     batch = to_batch(data, list(range(4)))
     inputs = model_inputs(batch)
     used = torch.tensor([[False, True, True]] * 4)
@@ -146,3 +149,17 @@ def test_imputation_keeps_present_latents_and_fills_absent_ones(tiny_processed) 
     assert not torch.allclose(filled[~present], latents[~present])
     again = model.impute_latents(latents, present, torch.Generator().manual_seed(0))
     torch.testing.assert_close(again, filled, rtol=0, atol=0)
+
+
+def test_lesion_logits_come_out_for_every_image_masked_or_not(tiny_processed, tmp_path) -> None:
+    _, data = tiny_processed
+    model = _model(data, "lesion")
+    batch = to_batch(data, np.arange(3))
+    hidden = torch.tensor([[False, True, True]] * 3)
+    out = model(model_inputs(batch), hidden)
+    assert out.lesion_logits is not None and out.lesion_logits.shape == (3, 1, 16, 16, 16)
+    assert _model(data)(model_inputs(batch), hidden).lesion_logits is None, "no seg head, no logits"
+    model.save_pretrained(tmp_path)
+    loaded = MedDiffModel.from_pretrained(tmp_path)
+    assert loaded.spec.image_segmentation and loaded.image_encoder.segmentation_head is not None
+    torch.testing.assert_close(loaded(model_inputs(batch), hidden).lesion_logits, out.lesion_logits)

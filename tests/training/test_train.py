@@ -11,7 +11,7 @@ from meddiff.model.calibration import calibrated, load_temperature, log_probabil
 from meddiff.model.inference import predict_proba
 from meddiff.model.multimodal import MedDiffModel
 from meddiff.training.loop import BEST_DIR, build_model, validation_auc, warmup_cosine
-from meddiff.training.objective import LOSS_TERMS, TrainingObjective, compute_losses
+from meddiff.training.objective import LOSS_TERMS, TrainingObjective, compute_losses, segmentation_loss
 
 
 def test_model_overfits_a_tiny_batch(tiny_processed, tiny_params) -> None:
@@ -35,15 +35,67 @@ def test_model_overfits_a_tiny_batch(tiny_processed, tiny_params) -> None:
 
 def test_objective_total_is_the_weighted_sum_of_its_terms(tiny_processed, tiny_params) -> None:
     _, data = tiny_processed
-    params = apply_overrides(tiny_params, ["train.lambda_diff=0.5", "train.lambda_cls=2.0", "train.lambda_recon=0.25"])
+    params = apply_overrides(tiny_params, ["train.lambda_diff=0.5", "train.lambda_cls=2.0", "train.lambda_recon=0.25",
+                                           "train.lambda_seg=3.0"])
     torch.manual_seed(0)
     model = build_model(data, params)
     objective = TrainingObjective(model, params.train, None, torch.Generator().manual_seed(0))
-    batch = to_batch(data, np.arange(6))
+    batch = to_batch(data, np.arange(6), lesion_masks=True)
     losses = objective(batch, batch["modality_present"])
-    assert tuple(losses) == LOSS_TERMS == ("total", "cls", "diff", "recon")
-    expected = 0.5 * losses["diff"] + 2.0 * losses["cls"] + 0.25 * losses["recon"]
+    assert tuple(losses) == LOSS_TERMS == ("total", "cls", "diff", "recon", "seg")
+    assert losses["seg"] > 0
+    expected = 0.5 * losses["diff"] + 2.0 * losses["cls"] + 0.25 * losses["recon"] + 3.0 * losses["seg"]
     torch.testing.assert_close(losses["total"], expected)
+
+
+def test_segmentation_loss_on_a_known_case() -> None:
+    logits = torch.zeros(1, 1, 2, 2, 2)  # p = 0.5 everywhere
+    target = torch.zeros(1, 1, 2, 2, 2)
+    target[0, 0, 0, 0, :] = 1.0  # 2 lesion voxels of 8
+    region = torch.ones_like(target)
+    # BCE ln 2 per voxel; Dice 1 − (2·0.5·2 + 1) / (0.5·8 + 2 + 1) = 4/7
+    expected = math.log(2.0) + 4.0 / 7.0
+    loss = segmentation_loss(logits, target, region, torch.ones(1))
+    torch.testing.assert_close(loss, torch.tensor(expected))
+    # voxels outside the region (the brain) count for nothing, whatever their logit or label
+    wider = torch.zeros(1, 1, 2, 2, 4)
+    wider[..., :2] = logits
+    wider[..., 2:] = 9.0
+    wide_target = torch.ones(1, 1, 2, 2, 4)
+    wide_target[..., :2] = target
+    wide_region = torch.zeros_like(wide_target)
+    wide_region[..., :2] = 1.0
+    torch.testing.assert_close(segmentation_loss(wider, wide_target, wide_region, torch.ones(1)), loss)
+    # a scan without a mask has weight 0: the loss is 0 and sends no gradient
+    logits.requires_grad_(True)
+    none = segmentation_loss(logits, target, region, torch.zeros(1))
+    none.backward()
+    assert none.item() == 0.0 and logits.grad.abs().max() == 0.0
+
+
+def test_seg_loss_counts_masked_images_and_skips_patients_without_a_mask(tiny_processed, tiny_params) -> None:
+    _, data = tiny_processed
+    params = apply_overrides(tiny_params, ["train.lambda_seg=1.0", "train.model.image_pooling=lesion"])
+    torch.manual_seed(0)
+    model = build_model(data, params)
+    assert model.image_encoder.segmentation_head is not None
+    objective = TrainingObjective(model, params.train, None, torch.Generator().manual_seed(0))
+    index = np.arange(8)
+    batch = to_batch(data, index, lesion_masks=True)
+    image_hidden = batch["modality_present"].clone()
+    image_hidden[:, 0] = False  # modality masking hides every image from the fusion
+    seen, hidden = objective(batch, batch["modality_present"]), objective(batch, image_hidden)
+    torch.testing.assert_close(hidden["seg"], seen["seg"])
+    assert seen["seg"] > 0
+    without = dict(batch, has_lesion_mask=torch.zeros_like(batch["has_lesion_mask"]))  # a dataset without masks
+    assert objective(without, batch["modality_present"])["seg"].item() == 0.0
+    # no seg head without the loss: the model and its batches are as before
+    assert build_model(data, tiny_params).image_encoder.segmentation_head is None
+
+
+def test_lesion_pooling_without_the_seg_loss_is_refused() -> None:
+    with pytest.raises(ValueError, match="lambda_seg"):
+        TrainConfig.model_validate({"model": {"image_pooling": "lesion"}})
 
 
 def test_warmup_then_cosine_schedule() -> None:

@@ -64,7 +64,7 @@ from meddiff.generation.quality import (
     load_checkpoint,
     precision_recall,
 )
-from meddiff.generation.utility import tstr_report
+from meddiff.generation.utility import augmentation_report, tstr_report
 from meddiff.io import atomic_dir, atomic_file, write_json
 from meddiff.model.inference import encode_latents
 from meddiff.model.multimodal import MedDiffModel
@@ -74,6 +74,9 @@ LOG = logging.getLogger(__name__)
 DECODE_BATCH = 32
 DATA_CARD = "data_card.md"
 DROP_README = "README.md"  # a provenance file name that ingest skips
+#: a class with at most this share of the training split is rare (rare-class augmentation; the evaluate stage's
+#: default threshold too)
+RARE_PREVALENCE = 0.05
 
 
 @dataclass
@@ -133,7 +136,8 @@ def decoded_patients(
 
 
 def _privacy(
-    data: ProcessedDataset, z: np.ndarray, images: np.ndarray, real: dict[str, np.ndarray], n_pairs: int
+    data: ProcessedDataset, z: np.ndarray, images: np.ndarray, real: dict[str, np.ndarray], n_pairs: int,
+    n_bootstrap: int, seed: int,
 ) -> dict[str, Any]:
     """Privacy reports in the latent space and in image space (decoded channels against the processed images of
     the patients that have one; left out when the training or held-out split has no image)."""
@@ -143,15 +147,52 @@ def _privacy(
     reports = {
         "fused latent z": privacy_report(
             "fused latent z", z, real["train"], np.concatenate([real["val"], real["test"]]), synthetic_ids,
-            list(patient_ids[train]), n_pairs),
+            list(patient_ids[train]), n_pairs, n_bootstrap, seed),
     }
     has_image = data.arrays["modality_present"][:, 0].astype(bool)
     image_train, image_held_out = train[has_image[train]], held_out[has_image[held_out]]
     if len(image_train) and len(image_held_out):
         reports["image"] = privacy_report(
             "image", images, data.arrays["image"][image_train], data.arrays["image"][image_held_out],
-            synthetic_ids, list(patient_ids[image_train]), n_pairs)
+            synthetic_ids, list(patient_ids[image_train]), n_pairs, n_bootstrap, seed)
     return reports
+
+
+def rare_classes(train_labels: np.ndarray, class_names: list[str], names: list[str] | None) -> list[int]:
+    """The classes ``names`` (``generate.rare_classes``) or, when None, those with a training prevalence
+    ≤ :data:`RARE_PREVALENCE` (and at least one patient).
+
+    Raises:
+        ValueError: ``names`` holds a class the model does not know.
+    """
+    if names is not None:
+        unknown = sorted(set(names) - set(class_names))
+        if unknown:
+            raise ValueError(f"generate.rare_classes names unknown classes {unknown}")
+        return [class_names.index(name) for name in names]
+    prevalence = np.bincount(train_labels, minlength=len(class_names)) / max(1, len(train_labels))
+    return [c for c in range(len(class_names)) if 0 < prevalence[c] <= RARE_PREVALENCE]
+
+
+def rare_augmentation(
+    data: ProcessedDataset, z: np.ndarray, labels: np.ndarray, real_train: np.ndarray, eval_x: np.ndarray,
+    eval_y: np.ndarray, source: str, n_bootstrap: int, seed: int, names: list[str] | None = None,
+) -> dict[str, Any]:
+    """:func:`~meddiff.generation.utility.augmentation_report` for every rare class (:func:`rare_classes`): the real
+    training latents ``real_train`` ± the synthetic patients of that class among ``z`` (S, d) / ``labels`` (S,),
+    scored on real latents ``eval_x`` (E, d) with classes ``eval_y`` (E,), named ``source`` (the test split; or the
+    labelled external drop admitted with this model's preprocessing and encoded by it). A rare class without a
+    patient in the evaluation set is reported as not measured."""
+    train_y = data.arrays["label"][data.indices("train")]
+    report: dict[str, Any] = {}
+    for c in rare_classes(train_y, data.class_names, names):
+        name = data.class_names[c]
+        if not (eval_y == c).any():
+            report[name] = {"not_measured": f"no {name} patient in the {source}"}
+            continue
+        report[name] = {"evaluated_on": source, **augmentation_report(
+            real_train, train_y, z[labels == c], c, eval_x, eval_y, data.n_classes, n_bootstrap, seed)}
+    return report
 
 
 def quality_draws(
@@ -169,6 +210,16 @@ def quality_draws(
         for row in labels
     ])
     return latents, labels
+
+
+def _dp_summary(model: MedDiffModel) -> dict[str, Any]:
+    """ε, δ and the DP-SGD settings of the diffusion model's refinement, or that it was trained without DP."""
+    accounting = model.diffusion.dp_accounting
+    if accounting is None:
+        return {"enabled": False}
+    return {"enabled": True, **accounting, "accountant": "RDP (opacus)",
+            "covers": "the latent-diffusion U-Net's refinement on the training latents; not the encoders or the "
+                      "latent scaler, which saw the training patients without DP"}
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -243,7 +294,7 @@ def run_generate(
         predicted_real = model.classify_latent(torch.from_numpy(real["test"])).argmax(dim=1).numpy()
     test_labels = data.arrays["label"][data.indices("test")]
     images, tabular, keywords = decode(model, z, data)
-    privacy = _privacy(data, z, images, real, config.n_closest_pairs)
+    privacy = _privacy(data, z, images, real, config.n_closest_pairs, config.n_bootstrap, params.seed)
     tstr = tstr_report(z, labels, real["train"], data.arrays["label"][data.indices("train")], real["test"],
                        data.arrays["label"][data.indices("test")], data.n_classes, config.n_bootstrap, params.seed)
     metrics: dict[str, Any] = {
@@ -266,6 +317,9 @@ def run_generate(
         "space": "fused patient latent z",
         "privacy": {space: report.summary() for space, report in privacy.items()},
         "tstr": tstr,
+        "rare_augmentation": rare_augmentation(data, z, labels, real["train"], real["test"], test_labels, "test split",
+                                               config.n_bootstrap, params.seed, config.rare_classes),
+        "differential_privacy": _dp_summary(model),
     }
     pairs = {space: [dataclasses.asdict(p) for p in report.closest_pairs] for space, report in privacy.items()}
     how = {

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meddiff.intervals import bootstrap_ci
 from meddiff.metrics import binary_auc
 
 #: held-out→train distance percentile below which a synthetic patient counts as "too close"
@@ -57,13 +58,20 @@ def nearest_neighbours(query: np.ndarray, reference: np.ndarray) -> tuple[np.nda
     return distances, indices
 
 
-def membership_inference_auc(train: np.ndarray, held_out: np.ndarray, synthetic: np.ndarray) -> float:
+def membership_inference_auc(
+    train: np.ndarray, held_out: np.ndarray, synthetic: np.ndarray, n_bootstrap: int = 0, seed: int = 0
+) -> dict[str, float]:
     """AUC of the distance attack: members (``train``) against non-members (``held_out``), each scored by
-    minus its distance to the nearest ``synthetic`` row (module docstring)."""
+    minus its distance to the nearest ``synthetic`` row (module docstring). ``{"value": auc}``, with a 95 %
+    bootstrap interval over the attacked patients (``ci_low``, ``ci_high``, ``n_valid``) when ``n_bootstrap`` > 0:
+    it covers which real patients are attacked, not which synthetic set was drawn."""
     member_distance, _ = nearest_neighbours(train, synthetic)
     non_member_distance, _ = nearest_neighbours(held_out, synthetic)
     is_member = np.concatenate([np.ones(len(train), bool), np.zeros(len(held_out), bool)])
-    return binary_auc(is_member, -np.concatenate([member_distance, non_member_distance]))
+    score = -np.concatenate([member_distance, non_member_distance])
+    if n_bootstrap == 0:
+        return {"value": binary_auc(is_member, score)}
+    return bootstrap_ci(is_member, score, binary_auc, n_bootstrap, seed)
 
 
 @dataclass
@@ -89,6 +97,8 @@ class PrivacyReport:
     n_closer_than_p1: int
     fraction_closer_than_p1: float
     membership_inference_auc: float
+    #: its 95 % bootstrap interval over the attacked patients, when asked for (``ci_low``, ``ci_high``, ``n_valid``)
+    membership_inference_auc_interval: dict[str, float] | None
     n_synthetic: int
     n_train: int
     n_held_out: int
@@ -107,11 +117,15 @@ def privacy_report(
     synthetic_ids: list[str],
     train_ids: list[str],
     n_pairs: int,
+    n_bootstrap: int = 0,
+    seed: int = 0,
 ) -> PrivacyReport:
-    """Distance ratio, closeness count, membership-inference AUC and the ``n_pairs`` closest pairs.
+    """Distance ratio, closeness count, membership-inference AUC (with a bootstrap interval when ``n_bootstrap``
+    > 0) and the ``n_pairs`` closest pairs.
 
     ``synthetic`` (S, …), ``train`` (T, …), ``held_out`` (H, …) in one space (flattened per row).
     """
+    attack = membership_inference_auc(train, held_out, synthetic, n_bootstrap, seed)
     synthetic_distance, nearest_train = nearest_neighbours(synthetic, train)
     held_out_distance, _ = nearest_neighbours(held_out, train)
     p1 = float(np.percentile(held_out_distance, CLOSE_PERCENTILE))
@@ -132,7 +146,8 @@ def privacy_report(
         held_out_p1=p1,
         n_closer_than_p1=closer,
         fraction_closer_than_p1=closer / len(synthetic),
-        membership_inference_auc=membership_inference_auc(train, held_out, synthetic),
+        membership_inference_auc=attack["value"],
+        membership_inference_auc_interval={k: v for k, v in attack.items() if k != "value"} or None,
         n_synthetic=len(synthetic),
         n_train=len(train),
         n_held_out=len(held_out),

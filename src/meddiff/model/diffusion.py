@@ -38,6 +38,11 @@ from meddiff.config import DiffusionConfig
 #: smallest per-dimension standard deviation the scaler divides by (a constant latent dimension stays finite)
 MIN_LATENT_STD = 1e-6
 SCALER_BUFFERS = ("latent_mean", "latent_std")
+#: buffer holding the DP-SGD accounting of a privately trained model; absent otherwise (the state dict of a
+#: model trained without DP is unchanged)
+DP_BUFFER = "dp_sgd_accounting"
+#: its fields, in order
+DP_FIELDS = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps")
 
 
 class LatentDiffusion(nn.Module):
@@ -76,6 +81,9 @@ class LatentDiffusion(nn.Module):
         identity = {"latent_mean": torch.zeros_like(self.latent_mean), "latent_std": torch.ones_like(self.latent_std)}
         for name in SCALER_BUFFERS:
             state_dict.setdefault(prefix + name, identity[name])
+        # A privately trained model carries its accounting; the buffer is made to receive it.
+        if prefix + DP_BUFFER in state_dict and DP_BUFFER not in self._buffers:
+            self.register_buffer(DP_BUFFER, torch.zeros_like(state_dict[prefix + DP_BUFFER]))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -97,6 +105,16 @@ class LatentDiffusion(nn.Module):
             self.latent_mean[channel] = rows.mean(dim=0)
             self.latent_std[channel] = rows.std(dim=0, unbiased=False).clamp_min(MIN_LATENT_STD) if len(rows) > 1 \
                 else torch.ones_like(rows[0])
+
+    def record_dp_accounting(self, accounting: dict[str, float]) -> None:
+        """Store the DP-SGD accounting (the keys of :data:`DP_FIELDS`) with the weights."""
+        self.register_buffer(DP_BUFFER, torch.tensor([float(accounting[k]) for k in DP_FIELDS], dtype=torch.float64))
+
+    @property
+    def dp_accounting(self) -> dict[str, float] | None:
+        """ε, δ, noise multiplier, clipping norm, sampling rate and steps of DP-SGD training; None without DP."""
+        values = self._buffers.get(DP_BUFFER)
+        return None if values is None else dict(zip(DP_FIELDS, values.tolist(), strict=True))
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Raw stacks (B, C, d) → the scaled space the diffusion runs in."""

@@ -55,6 +55,7 @@ class ModelSpec:
     modalities: tuple[str, ...] = MODALITIES  # the modalities this model may use
     image_in_channels: int = 1  # channels of the processed image (meta['image_channels'])
     image_brain_channel: int | None = None  # which of them is the brain mask (None: the whole volume)
+    image_segmentation: bool = False  # the image encoder has a lesion segmentation head (train.lambda_seg > 0)
 
     def to_dict(self) -> dict:
         payload = asdict(self)
@@ -77,6 +78,7 @@ class ModelSpec:
             modalities=tuple(payload.get("modalities", MODALITIES)),
             image_in_channels=int(payload.get("image_in_channels", 1)),
             image_brain_channel=payload.get("image_brain_channel"),
+            image_segmentation=bool(payload.get("image_segmentation", False)),
         )
 
 
@@ -88,6 +90,7 @@ class ModelOutput:
     token_slices: dict[str, slice]  # which key tokens belong to which modality
     modality_latents: torch.Tensor  # (B, M, d) LayerNorm-ed h_i, as diffused
     text_attentions: tuple[torch.Tensor, ...] | None = None  # per layer (B, heads, L, L)
+    lesion_logits: torch.Tensor | None = None  # (B, 1, D, H, W) of every image, masked or not (with a seg head)
 
 
 class MedDiffModel(nn.Module):
@@ -99,6 +102,8 @@ class MedDiffModel(nn.Module):
         self.image_encoder = ImageEncoder(
             spec.spatial_size, list(cfg.image_channels), d, cfg.dropout, in_channels=spec.image_in_channels,
             brain_channel=spec.image_brain_channel, latent_dropout=cfg.image_latent_dropout,
+            # lesion pooling is driven by the seg head; a model built without one (no image) pools by max
+            segmentation=spec.image_segmentation, pooling=cfg.image_pooling if spec.image_segmentation else "max",
         )
         self.text_encoder = TextEncoder(
             spec.vocab_size, spec.max_note_tokens, d, cfg.text_layers, cfg.text_heads, cfg.dropout
@@ -218,6 +223,7 @@ class MedDiffModel(nn.Module):
             token_slices=slices,
             modality_latents=latents,
             text_attentions=text_attentions,
+            lesion_logits=image.lesion_logits,
         )
 
     @torch.no_grad()

@@ -1,7 +1,8 @@
 """The training loop (proposal §3.3): adaptive multimodal training, readable top to bottom.
 
 Augment the images (random flips and shifts, :mod:`.augmentation`), sample modality masks, forward,
-L = λ_diff·L_diff + λ_cls·L_cls + λ_recon·L_recon, backward, clip, step, warm-up + cosine schedule;
+L = λ_diff·L_diff + λ_cls·L_cls + λ_recon·L_recon (+ λ_seg·L_seg on the training masks), backward, clip,
+step, warm-up + cosine schedule;
 validation AUC each epoch with early stopping; the best epoch's weights are kept.
 
 Robustness of the run itself:
@@ -133,6 +134,7 @@ def model_modalities(params: Params, data: ProcessedDataset) -> tuple[str, ...]:
 
 def build_model(data: ProcessedDataset, params: Params) -> MedDiffModel:
     """A freshly initialised model sized for ``data`` (classes, features, vocabulary, volume shape)."""
+    modalities = model_modalities(params, data)
     spec = ModelSpec(
         n_classes=data.n_classes,
         n_tabular=data.n_tabular,
@@ -141,9 +143,11 @@ def build_model(data: ProcessedDataset, params: Params) -> MedDiffModel:
         spatial_size=tuple(int(s) for s in data.arrays["image"].shape[2:]),
         model=params.train.model,
         diffusion=params.train.diffusion,
-        modalities=model_modalities(params, data),
+        modalities=modalities,
         image_in_channels=int(data.arrays["image"].shape[1]),
         image_brain_channel=image_brain_channel(data),
+        # a model without the image builds no seg head: it is then the same model whatever lambda_seg
+        image_segmentation=params.train.lambda_seg > 0 and "image" in modalities,
     )
     model = MedDiffModel(spec)
     model.set_token_terms(token_term_index(data.vocabulary, spec.vocab_size))
@@ -283,13 +287,17 @@ def train_model(
         epoch_started = time.perf_counter()
         p = masking_probability(config, state.epoch)
         order = epoch_order(train_index, params.seed, state.epoch, dist)
+        segmenting = model.spec.image_segmentation and "image" in model.spec.modalities
         batches = iterate_batches(data, order[state.step_in_epoch * config.batch_size :], config.batch_size,
-                                  shuffle=False, device=device)
+                                  shuffle=False, device=device, lesion_masks=segmenting)
         for batch in batches:
             if "image" in model.spec.modalities and (config.augment_flip_p > 0 or config.augment_max_shift_voxels > 0):
-                image, _ = augment_images(batch["image"].cpu(), augment_generator, config.augment_flip_p,
-                                          config.augment_max_shift_voxels)
+                image, mask = augment_images(batch["image"].cpu(), augment_generator, config.augment_flip_p,
+                                             config.augment_max_shift_voxels,
+                                             mask=batch["lesion_mask"].cpu() if segmenting else None)
                 batch["image"] = image.to(device)
+                if mask is not None:
+                    batch["lesion_mask"] = mask.to(device)
             allowed = model.allowed_modalities.cpu()
             # A masked modality is presented to the model as absent.
             masked_present = sample_modality_mask(batch["modality_present"].cpu() & allowed, p, mask_generator)

@@ -1,5 +1,5 @@
-"""The training objective (proposal §3.3): L = λ_diff·L_diff + λ_cls·L_cls + λ_recon·L_recon (λ_diff = 1
-in the proposal; 0 gives the classifier-only ablation).
+"""The training objective (proposal §3.3): L = λ_diff·L_diff + λ_cls·L_cls + λ_recon·L_recon + λ_seg·L_seg
+(λ_diff = 1 in the proposal; 0 gives the classifier-only ablation; λ_seg = 0 by default).
 
 * L_cls: cross-entropy of the classifier head on z, optionally inverse-frequency class weighted so
   the rare disease is not ignored;
@@ -7,7 +7,11 @@ in the proposal; 0 gives the classifier-only ablation).
   ``latent_stop_gradient`` the diffusion model learns the distribution of z without pulling the
   encoders toward latents that are merely easy to denoise (the trivial minimiser is a collapsed z);
 * L_recon: decoders reconstruct every modality the patient has, also the masked ones, from z
-  (image MSE, tabular MSE on observed values, note keyword BCE).
+  (image MSE, tabular MSE on observed values, note keyword BCE);
+* L_seg (issue 10, the lesion masks as dense auxiliary supervision): BCE over the brain voxels + soft Dice
+  of the image encoder's lesion logits against the ground-truth mask, for every patient of the batch with
+  an image and a mask (a healthy patient's empty mask counts), whether or not modality masking hides the
+  image from the fusion. The loop reads masks of training patients only.
 
 Modalities the model may not use (``ModelSpec.modalities``) are no target of L_diff or L_recon, and their
 decoders do not run: a dataset without images costs no image decoding.
@@ -33,12 +37,14 @@ IMAGE, TEXT, TABULAR = (MODALITIES.index(m) for m in ("image", "text", "tabular"
 
 @dataclass
 class LossBreakdown:
-    """The terms of L, each a scalar tensor: ``total`` = λ_diff·``diff`` + λ_cls·``cls`` + λ_recon·``recon``."""
+    """The terms of L, each a scalar tensor: ``total`` = λ_diff·``diff`` + λ_cls·``cls`` + λ_recon·``recon``
+    + λ_seg·``seg``."""
 
     total: torch.Tensor
     cls: torch.Tensor
     diff: torch.Tensor
     recon: torch.Tensor
+    seg: torch.Tensor
 
 
 #: The loss terms in the order of :class:`LossBreakdown` (per-epoch means in the training history).
@@ -76,6 +82,34 @@ def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / total.clamp_min(1.0)
 
 
+#: additive smoothing of the soft Dice (voxels): an empty mask and an empty prediction score 0 loss, and an
+#: empty mask penalises predicted lesion mass (a healthy scan teaches "no lesion here")
+DICE_SMOOTHING = 1.0
+
+
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """L_seg: the mean BCE over the voxels of ``region`` (per scan, then the scans' mean weighted by ``weights``)
+    plus the batch's soft Dice loss 1 − (2·Σ p·t + s) / (Σ p + Σ t + s), sums over the voxels of every weighted
+    scan, p = sigmoid(logit) inside ``region``, s = :data:`DICE_SMOOTHING`. One Dice over the batch, not one per
+    scan: a scan with an empty mask (healthy) then adds its false-positive mass to the denominator instead of
+    scoring 1 − s/(Σ p + s) ≈ 1 on its own, which would pull every prediction to zero and the lesions with it.
+    ``weights`` (B,): 1 for a scan with an image and a mask, else 0. Shapes: ``logits``, ``target`` (0/1),
+    ``region`` (0/1, the brain) (B, 1, D, H, W). A scalar; 0 when no weight is positive (a dataset without
+    masks trains as without the loss)."""
+    weights = weights.to(logits.dtype)
+    region = region.to(logits.dtype)
+    target = target.to(logits.dtype) * region
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    bce = (bce * region).flatten(1).sum(dim=1) / region.flatten(1).sum(dim=1).clamp_min(1.0)
+    probability = (torch.sigmoid(logits) * region).flatten(1) * weights[:, None]
+    target = target.flatten(1) * weights[:, None]
+    overlap = (probability * target).sum()
+    dice = 1.0 - (2.0 * overlap + DICE_SMOOTHING) / (probability.sum() + target.sum() + DICE_SMOOTHING)
+    return _masked_mean(bce, weights) + dice
+
+
 def compute_losses(
     model: MedDiffModel,
     batch: dict[str, torch.Tensor],
@@ -111,8 +145,15 @@ def compute_losses(
         ).mean(dim=1)
         loss_recon = loss_recon + _masked_mean(kw_error, has_text)
 
-    total = config.lambda_diff * loss_diff + config.lambda_cls * loss_cls + config.lambda_recon * loss_recon
-    return LossBreakdown(total=total, cls=loss_cls, diff=loss_diff, recon=loss_recon)
+    loss_seg = z.new_zeros(())
+    if output.lesion_logits is not None and "lesion_mask" in batch:
+        brain = model.image_encoder.brain_mask(batch["image"])
+        with_mask = batch["has_lesion_mask"].float() * has_image
+        loss_seg = segmentation_loss(output.lesion_logits.float(), batch["lesion_mask"], brain, with_mask)
+
+    total = (config.lambda_diff * loss_diff + config.lambda_cls * loss_cls + config.lambda_recon * loss_recon
+             + config.lambda_seg * loss_seg)
+    return LossBreakdown(total=total, cls=loss_cls, diff=loss_diff, recon=loss_recon, seg=loss_seg)
 
 
 class TrainingObjective(torch.nn.Module):
