@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from meddiff.data import ehr_csv
 from meddiff.data.fhir import read_bundle, read_ndjson
+from meddiff.data.ingest.scratch import ScratchDatabase
 from meddiff.data.quarantine import Ledger, Record
 
 #: FHIR resource type -> record kind
@@ -39,7 +37,7 @@ def _encoded(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")  # a JSON escape can give a lone surrogate
 
 
-class RawTexts:
+class RawTexts(ScratchDatabase):
     """The raw text of every EHR item (the line, row or entry that ``quarantine.jsonl`` quotes when the item is
     rejected), kept in an SQLite table in a temporary folder instead of on each record: only a few hundred
     of them are ever written, and holding all made ingest's memory grow with the drop (issue 14).
@@ -47,22 +45,8 @@ class RawTexts:
     manager (the folder is removed on exit)."""
 
     def __init__(self) -> None:
-        self._folder = tempfile.TemporaryDirectory(prefix="meddiff-ehr-raw-")
-        self._db = sqlite3.connect(Path(self._folder.name) / "raw.sqlite")
-        self._db.execute("CREATE TABLE raw (record BLOB PRIMARY KEY, text BLOB NOT NULL)")
+        super().__init__("meddiff-ehr-raw-", ("CREATE TABLE raw (record BLOB PRIMARY KEY, text BLOB NOT NULL)",))
         self._pending: list[tuple[bytes, bytes]] = []
-
-    def __enter__(self) -> RawTexts:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Remove the table and its folder."""
-        self._db.close()
-        self._folder.cleanup()
 
     @staticmethod
     def _key(record: Record) -> bytes:

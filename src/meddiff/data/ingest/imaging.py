@@ -17,14 +17,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import sqlite3
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.pool import Pool
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import nibabel as nib
@@ -40,6 +37,7 @@ from meddiff.data.dicom import (
     read_headers,
     series_file_problem,
 )
+from meddiff.data.ingest.scratch import ScratchDatabase
 from meddiff.data.nifti import CaseError, load_brats_case
 from meddiff.data.quarantine import Ledger, Record
 from meddiff.data.validation import RECORD_ID
@@ -116,7 +114,7 @@ class PackedHeader:
                    pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-class HeaderStore:
+class HeaderStore(ScratchDatabase):
     """The slice headers of one DICOM scan in an SQLite table in a temporary folder, by series.
 
     Grouping files into series needs every header before any series can be assembled; holding one
@@ -128,23 +126,10 @@ class HeaderStore:
     """
 
     def __init__(self) -> None:
-        self._folder = tempfile.TemporaryDirectory(prefix="meddiff-dicom-headers-")
-        self._db = sqlite3.connect(Path(self._folder.name) / "headers.sqlite")
-        self._db.execute("CREATE TABLE header (series INTEGER NOT NULL, data BLOB NOT NULL)")
-        self._db.execute("CREATE INDEX header_series ON header (series)")
+        super().__init__("meddiff-dicom-headers-", (
+            "CREATE TABLE header (series INTEGER NOT NULL, data BLOB NOT NULL)",
+            "CREATE INDEX header_series ON header (series)"))
         self._series: dict[str, int] = {}  # SeriesInstanceUID -> its key in the table
-
-    def __enter__(self) -> HeaderStore:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Remove the table and its folder."""
-        self._db.close()
-        self._folder.cleanup()
 
     def add(self, headers: Iterable[PackedHeader]) -> None:
         """Store slice headers (any series, any order)."""
