@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["git", "init", "-q"], cwd=work, check=True)
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         env.pop("MLFLOW_TRACKING_URI", None)
+        # the copy's own code, not the editable install's (an edit of the checkout mid-run must not change it)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(work / "src"), env.get("PYTHONPATH", "")]))
         started = time.perf_counter()
         completed = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - started
