@@ -93,9 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds the Docker engine has to answer")
     args = parser.parse_args(argv)
 
+    from meddiff_pipelines.local import DockerUnavailableError, connect_docker
+
     import docker
     import meddiff
-    from meddiff_pipelines.local import DockerUnavailableError, connect_docker
     from meddiff.tracking import git_commit
 
     commit = git_commit()
