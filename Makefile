@@ -56,7 +56,7 @@ test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src components pipelines tests bench
+	$(BIN)/ruff check src components pipelines tests bench docker
 	$(BIN)/lint-imports
 
 compile: $(STAMP)
